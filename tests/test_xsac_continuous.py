@@ -1,0 +1,229 @@
+"""xsac_continuous.py: end-to-end runs with real updates, outputs read back, bad input, NaN stop, compile = eager.
+
+Budget: about 1-2 minutes on a 2-core CPU (tiny networks, a few hundred env steps per run).
+"""
+import glob
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, load_script
+
+xsac = load_script("xsac_continuous")
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
+    (spinning OpenMP workers): run this module's updates on one thread, then restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = dict(hidden_dim=32, batch_size=32, log_freq=50, eval_episodes=1, cuda=False)
+
+
+def scalars(run_dir: str) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def check_buffer_file(path: str, steps: int, obs_dim: int, action_dim: int, episode_length: int) -> None:
+    """D4RL keys, one row per env step in time order, timeouts at the time limit and at the cut, no terminals."""
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in f.keys()}
+    assert set(data) == {"observations", "actions", "rewards", "terminals", "timeouts", "next_observations"}
+    assert data["observations"].shape == data["next_observations"].shape == (steps, obs_dim)
+    assert data["actions"].shape == (steps, action_dim) and np.abs(data["actions"]).max() <= 1.0
+    assert data["rewards"].shape == data["terminals"].shape == data["timeouts"].shape == (steps,)
+    assert data["terminals"].dtype == bool and not data["terminals"].any()
+    expected_timeouts = np.zeros(steps, dtype=bool)
+    expected_timeouts[episode_length - 1 :: episode_length] = True
+    expected_timeouts[-1] = True
+    np.testing.assert_array_equal(data["timeouts"], expected_timeouts)
+    # inside an episode, the next observation is the next row's observation
+    inside = ~data["timeouts"][:-1]
+    np.testing.assert_array_equal(data["next_observations"][:-1][inside], data["observations"][1:][inside])
+    assert all(np.isfinite(v.astype(np.float64)).all() for v in data.values())
+
+
+@pytest.mark.slow
+def test_dm_control_gumbel_end_to_end(tmp_path):
+    """cartpole-swingup: 200 updates, eval, Bellman errors, TensorBoard, checkpoint, eval-only, buffer."""
+    args = xsac.Args(env_id="dm_control/cartpole-swingup-v0", total_timesteps=300, learning_starts=100,
+                     eval_freq=300, save_model=True, save_buffer=str(tmp_path / "buffer.hdf5"),
+                     log_bellman_errors=True, bellman_log_freq=100, runs_dir=str(tmp_path / "runs"), seed=3, **TINY)
+    run_dir = xsac.main(args)
+    assert os.path.basename(run_dir).startswith("dm_control-cartpole-swingup-v0__xsac_continuous__3__")
+
+    logged = scalars(run_dir)
+    for tag in ("losses/q_loss", "losses/v_loss", "losses/actor_loss", "losses/alpha", "values/v", "values/q",
+                "charts/SPS", "eval/episodic_return"):
+        assert logged.get(tag), f"{tag} missing"
+        assert np.isfinite(logged[tag]).all(), tag
+    assert len(logged["losses/q_loss"]) == 5  # steps 100, 150, ..., 300
+    assert logged["losses/alpha"][-1] < 0.1  # alpha was tuned (it starts at 0.1 and entropy is high)
+
+    files = sorted(glob.glob(os.path.join(run_dir, "bellman_errors", "*.npy")))
+    assert [os.path.basename(f) for f in files] == ["step_00000200.npy", "step_00000300.npy"]
+    errors = np.load(files[-1])
+    assert errors.dtype == np.float32 and errors.shape == (32,) and np.isfinite(errors).all()
+
+    check_buffer_file(str(tmp_path / "buffer.hdf5"), steps=300, obs_dim=5, action_dim=1, episode_length=1000)
+
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert {"agent", "optimizers", "args", "obs_dim", "action_dim", "global_step"} <= set(checkpoint)
+    assert set(checkpoint["optimizers"]) == {"critic", "value", "actor", "alpha"}
+    agent = xsac.Agent(5, 1, args)
+    agent.load_state_dict(checkpoint["agent"])  # every tensor (actor, critics, V, V target, log alpha) is there
+    eval_args = xsac.Args(eval_only=True, checkpoint=os.path.join(run_dir, "checkpoint.pt"), eval_episodes=1, cuda=False)
+    returns = xsac.evaluate_checkpoint(eval_args, torch.device("cpu"))
+    assert returns.shape == (1,) and np.isfinite(returns).all()
+
+
+@pytest.mark.slow
+def test_pendulum_mse_cli_subprocess(tmp_path):
+    """The SAC baseline through the real CLI: policy/target frequency 2, buffer with time-limit ends."""
+    buffer_path = tmp_path / "buffer.hdf5"
+    cmd = [sys.executable, str(ROOT / "xsac_continuous.py"), "--env-id", "Pendulum-v1", "--value-loss", "mse",
+           "--total-timesteps", "400", "--learning-starts", "150", "--hidden-dim", "32", "--batch-size", "32",
+           "--policy-frequency", "2", "--eval-freq", "400", "--eval-episodes", "1", "--log-freq", "50",
+           "--save-buffer", str(buffer_path), "--exp-name", "sac", "--runs-dir", str(tmp_path / "runs"), "--no-cuda"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "beta = 2.0 (fallback for tasks outside Table 6)" in result.stdout
+    assert "eval return" in result.stdout and "run folder" in result.stdout
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "Pendulum-v1__sac__1__*"))
+    logged = scalars(run_dir)
+    assert len(logged["losses/v_loss"]) == 6 and np.isfinite(logged["losses/v_loss"]).all()
+    assert len(logged["charts/episodic_return"]) == 2  # two 200-step episodes
+    check_buffer_file(str(buffer_path), steps=400, obs_dim=3, action_dim=1, episode_length=200)
+    if (ROOT / "xql_offline.py").exists():  # the offline script reads what --save-buffer writes
+        offline = load_script("xql_offline")
+        if hasattr(offline, "read_d4rl_hdf5") and hasattr(offline, "qlearning_dataset"):
+            dataset = offline.qlearning_dataset(offline.read_d4rl_hdf5(str(buffer_path)), 200)
+            assert len(dataset["observations"]) == 398  # rows 199 (timeout) and 399 (last) are dropped
+
+
+@pytest.mark.slow
+def test_capture_video_headless_default(tmp_path):
+    """With MUJOCO_GL unset, --capture-video picks a headless backend (OSMesa here) and writes the eval episode."""
+    pytest.importorskip("moviepy")
+    import ctypes.util
+
+    if ctypes.util.find_library("OSMesa") is None:
+        pytest.skip("libOSMesa is not installed (apt-get install libosmesa6)")
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}
+    # InvertedPendulum: MuJoCo rendering like the DMC tasks, but an untrained policy falls within a few
+    # dozen steps, so software rendering stays cheap (a 1000-step DMC episode takes minutes on 2 cores).
+    cmd = [sys.executable, str(ROOT / "xsac_continuous.py"), "--env-id", "InvertedPendulum-v4",
+           "--total-timesteps", "120", "--learning-starts", "100", "--hidden-dim", "16", "--batch-size", "16",
+           "--eval-freq", "120", "--eval-episodes", "1", "--capture-video", "--runs-dir", str(tmp_path / "runs"), "--no-cuda"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "using MUJOCO_GL=osmesa" in result.stdout
+    videos = glob.glob(str(tmp_path / "runs" / "*" / "videos" / "*.mp4"))
+    assert len(videos) == 1 and os.path.getsize(videos[0]) > 1000
+
+
+def test_beta_resolution():
+    assert xsac.resolve_beta(xsac.Args(env_id="dm_control/hopper-hop-v0", beta=None)) == 2.0  # Table 6
+    assert xsac.resolve_beta(xsac.Args(env_id="dm_control/quadruped-run-v0", beta=None)) == 5.0
+    assert xsac.resolve_beta(xsac.Args(env_id="dm_control/hopper-hop-v0", beta=None, beta_table="authors")) == 1.0
+    assert xsac.resolve_beta(xsac.Args(env_id="Pendulum-v1", beta=None)) == xsac.BETA_FALLBACK
+    assert xsac.resolve_beta(xsac.Args(env_id="dm_control/walker-run-v0", beta=3.5)) == 3.5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(env_id="dm_control/hoper-hop-v0"), "unknown environment id 'dm_control/hoper-hop-v0'. Did you mean: dm_control/hopper-hop-v0"),
+        (dict(env_id="CartPole-v1"), "needs a bounded continuous (Box) action space"),
+        (dict(env_id="Pendulum-v1", beta=0.0), "--beta must be > 0"),
+        (dict(env_id="Pendulum-v1", beta=-1.0), "--beta must be > 0"),
+        (dict(env_id="Pendulum-v1", cudagraphs=True), "--cudagraphs needs a CUDA device"),
+        (dict(eval_only=True, checkpoint="/nonexistent/checkpoint.pt"), "checkpoint not found"),
+    ],
+)
+def test_bad_input_one_line_no_run_folder(tmp_path, overrides, message):
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as error:
+        xsac.main(xsac.Args(runs_dir=str(runs), cuda=False, **overrides))
+    text = str(error.value.code)
+    assert text.startswith("xsac_continuous: ") and message in text and "\n" not in text
+    assert not runs.exists()
+
+
+def test_bad_input_cli_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "xsac_continuous.py"), "--env-id", "dm_control/hopper-hop-v0",
+                             "--beta", "0", "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "xsac_continuous: --beta must be > 0 (it divides Q - V in Eq. 11), got 0.0."
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_nan_stops_run_and_saves_last_finite_snapshot(tmp_path, monkeypatch):
+    """A value loss that turns NaN after 60 updates: exit with the step, last finite values, snapshot, buffer."""
+    real_loss, calls = xsac.gumbel_loss, []
+
+    def poisoned(pred, target, beta, clip):
+        calls.append(1)
+        loss = real_loss(pred, target, beta, clip)
+        return loss * float("nan") if len(calls) > 60 else loss
+
+    monkeypatch.setattr(xsac, "gumbel_loss", poisoned)
+    buffer_path = tmp_path / "buffer.hdf5"
+    args = xsac.Args(env_id="Pendulum-v1", total_timesteps=400, learning_starts=50, eval_freq=10_000,
+                     save_buffer=str(buffer_path), runs_dir=str(tmp_path / "runs"), **TINY)
+    with pytest.raises(SystemExit) as error:
+        xsac.main(args)
+    text = str(error.value.code)
+    assert text.startswith("xsac_continuous: a loss became NaN/inf at step 110 ")  # update 61 = env step 110
+    assert "last finite values (step 100): q_loss=" in text
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    snapshot = torch.load(os.path.join(run_dir, "last_finite_checkpoint.pt"), weights_only=False)
+    assert snapshot["global_step"] == 100
+    assert all(torch.isfinite(v).all() for v in snapshot["agent"].values())
+    with h5py.File(buffer_path, "r") as f:
+        assert len(f["observations"]) >= 110
+
+
+@pytest.mark.slow
+def test_compiled_update_matches_eager():
+    """Same seed, same batches: compiled and eager losses agree to 1e-4 (relative) over the first 4 updates.
+
+    The compiled graph draws its Gaussian noise with inductor's own generator unless `fallback_random`
+    is set, so the test sets it; the remaining differences are float reassociation.
+    """
+    import torch._inductor.config as inductor_config
+
+    def run(compiled: bool) -> torch.Tensor:
+        args = xsac.Args(hidden_dim=32, batch_size=32, compile=compiled, cuda=False)
+        torch.manual_seed(0)
+        agent = xsac.Agent(5, 1, args)
+        update = xsac.make_update(agent, xsac.make_optimizers(agent, args, torch.device("cpu")), args, 2.0, -1.0)
+        if compiled:
+            update = torch.compile(update)
+        generator = torch.Generator().manual_seed(1)
+        losses = []
+        for step in range(4):
+            batch = xsac.Batch(torch.randn(32, 5, generator=generator), torch.rand(32, 1, generator=generator) * 2 - 1,
+                               torch.randn(32, generator=generator), torch.randn(32, 5, generator=generator),
+                               (torch.rand(32, generator=generator) < 0.1).float())
+            torch.manual_seed(100 + step)
+            losses.append(update(batch, step % 2 == 0))
+        return torch.stack(losses)
+
+    eager = run(False)
+    with inductor_config.patch(fallback_random=True):
+        compiled = run(True)
+    assert torch.isfinite(eager).all()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
