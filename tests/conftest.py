@@ -16,6 +16,14 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("MUJOCO_GL", "disable")
 
 
+def pytest_configure(config):
+    # One torch thread for the whole session: on a loaded 2-core machine two threads per process
+    # collapse under contention (a fine-tuning test went from 3 s to 110 s).
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def scripts_defining(name: str) -> list[str]:
     """Top-level scripts of the repository that define a module-level function `name` (by AST, no import)."""
     found = []
