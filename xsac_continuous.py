@@ -53,11 +53,10 @@ if "--capture-video" in sys.argv and "MUJOCO_GL" not in os.environ:
 
 import gymnasium as gym  # noqa: E402
 import h5py  # noqa: E402
-import shimmy  # noqa: E402  registers the dm_control/<domain>-<task>-v0 ids
+import shimmy  # noqa: E402,F401  importing it registers the dm_control/<domain>-<task>-v0 ids
 import tyro  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-gym.register_envs(shimmy)
 
 
 @dataclass

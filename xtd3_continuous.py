@@ -48,13 +48,12 @@ from typing import Callable, Literal, NamedTuple
 import gymnasium as gym
 import h5py
 import numpy as np
-import shimmy  # registers the dm_control/<domain>-<task>-v0 ids
+import shimmy  # noqa: F401  importing it registers the dm_control/<domain>-<task>-v0 ids
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-gym.register_envs(shimmy)
 
 
 @dataclass
