@@ -3,8 +3,8 @@
     python benchmark/speed.py dataset PATH [N]      synthetic D4RL-format HDF5, Hopper shapes (obs 11, act 3)
     python benchmark/speed.py parse SCRIPT LOGFILE  steps/s of one run, from its console progress lines
 
-`parse` prints the median of the per-interval rates, leaving out the first interval (warm-up and, with
---compile, the compilation). xql_offline.py and xtd3_continuous.py print the rate of the last interval;
+`parse` prints a markdown fragment `| median | best | intervals |` of the per-interval rates, leaving out
+the first interval (warm-up and, with --compile, the compilation). xql_offline.py and xtd3_continuous.py print the rate of the last interval;
 xsac_continuous.py prints the rate since updates began, so the interval rates are recovered from
 consecutive lines (elapsed = (step - learning_starts) / SPS).
 """
@@ -51,7 +51,7 @@ def main() -> None:
             text = f.read()
         learning_starts = int(sys.argv[4]) if len(sys.argv) > 4 else 0
         rates = interval_rates(sys.argv[2], text, learning_starts)
-        print(f"{statistics.median(rates):.1f}" if rates else "n/a")
+        print(f"| {statistics.median(rates):.1f} | {max(rates):.1f} | {len(rates)} |" if rates else "| n/a | n/a | 0 |")
     else:
         raise SystemExit("speed.py: usage: speed.py dataset PATH [N] | speed.py parse SCRIPT LOGFILE [LEARNING_STARTS]")
 

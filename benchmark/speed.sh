@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Steps per second of the three scripts, eager and --compile, at 256x256 networks (issue 6).
 #
-#   bash benchmark/speed.sh                 # ~6 minutes on a 2-core CPU; prints a markdown table
-#   QUICK=1 bash benchmark/speed.sh         # fewer steps (~3 minutes), noisier numbers
+#   bash benchmark/speed.sh                 # ~4-6 minutes on a 2-core CPU (more while torch.compile is cold); prints a markdown table
+#   QUICK=1 bash benchmark/speed.sh         # fewer steps (~2-3 minutes), noisier numbers
 #   PYTHON=python OUT=/tmp/speed bash benchmark/speed.sh
 #
 # Offline (xql_offline.py): gradient steps/s on a fixed synthetic D4RL-format HDF5 file (Hopper shapes,
@@ -10,7 +10,8 @@
 # Online (xsac_continuous.py, xtd3_continuous.py): env steps/s on Pendulum-v1 after --learning-starts,
 # one update per env step (the actor of X-TD3 every 2nd), batch 256. This includes the env step.
 # The rates are the scripts' own SPS progress lines: median over log intervals, the first left out
-# (warm-up, compilation). The table goes to stdout and to $OUT/speed.md; the run logs stay in $OUT.
+# (warm-up, compilation); the best interval is shown too, as other processes on the machine slow some.
+# The table goes to stdout and to $OUT/speed.md; the run logs stay in $OUT.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -21,9 +22,9 @@ mkdir -p "$OUT"
 MODES=${MODES:-"eager compile"}
 
 if [ "${QUICK:-0}" = "1" ]; then
-  OFF256=1200; OFF1024=400; ONLINE=2500
+  OFF256=1200; OFF1024=360; ONLINE=2900
 else
-  OFF256=3000; OFF1024=900; ONLINE=5000
+  OFF256=4200; OFF1024=1200; ONLINE=6500
 fi
 STARTS=500  # --learning-starts of the online runs (random actions, no updates)
 
@@ -31,9 +32,9 @@ DATASET="$OUT/hopper-synthetic.hdf5"
 [ -f "$DATASET" ] || "$PYTHON" benchmark/speed.py dataset "$DATASET"
 
 rows=()
-run() {  # run SCRIPT MODE BATCH LOG_FREQ LEARNING_STARTS ARGS...
-  local script=$1 mode=$2 batch=$3 starts=$5
-  shift 5
+run() {  # run SCRIPT MODE BATCH LEARNING_STARTS ARGS...
+  local script=$1 mode=$2 batch=$3 starts=$4
+  shift 4
   local log="$OUT/${script%.py}_${mode}_b${batch}.log" flag=""
   [ "$mode" = "compile" ] && flag="--compile"
   echo "speed.sh: $script $mode batch $batch ..." >&2
@@ -42,21 +43,21 @@ run() {  # run SCRIPT MODE BATCH LOG_FREQ LEARNING_STARTS ARGS...
     local sps
     sps=$("$PYTHON" benchmark/speed.py parse "$script" "$log" "$starts")
   else
-    sps="failed (see $log)"
+    sps="| failed, see $log | | |"
   fi
-  echo "speed.sh:   $sps steps/s ($((SECONDS - t0)) s wall)" >&2
-  rows+=("| \`$script\` | $mode | $batch | $sps |")
+  echo "speed.sh:   $sps median | best | intervals, steps/s ($((SECONDS - t0)) s wall)" >&2
+  rows+=("| \`$script\` | $mode | $batch $sps")
 }
 
 load_before=$(uptime | sed 's/.*load average: //')
 for mode in $MODES; do
-  run xql_offline.py "$mode" 256 0 0 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
+  run xql_offline.py "$mode" 256 0 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
     --max-steps "$OFF256" --log-freq $((OFF256 / 6)) --eval-freq 0 --eval-episodes 1
-  run xql_offline.py "$mode" 1024 0 0 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
+  run xql_offline.py "$mode" 1024 0 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
     --max-steps "$OFF1024" --log-freq $((OFF1024 / 6)) --eval-freq 0 --eval-episodes 1
-  run xsac_continuous.py "$mode" 256 0 "$STARTS" --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
+  run xsac_continuous.py "$mode" 256 "$STARTS" --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
     --learning-starts "$STARTS" --log-freq $(((ONLINE - STARTS) / 6)) --eval-freq 1000000 --eval-episodes 1
-  run xtd3_continuous.py "$mode" 256 0 "$STARTS" --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
+  run xtd3_continuous.py "$mode" 256 "$STARTS" --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
     --learning-starts "$STARTS" --log-freq $(((ONLINE - STARTS) / 6)) --eval-freq 1000000 --eval-episodes 1
 done
 load_after=$(uptime | sed 's/.*load average: //')
@@ -69,8 +70,8 @@ threads=$("$PYTHON" -c "import torch; print(torch.get_num_threads(), torch.__ver
   echo "Offline: gradient steps/s on a synthetic Hopper-shaped HDF5 file ($OFF256 / $OFF1024 steps)."
   echo "Online: env steps/s on Pendulum-v1 with one update per env step ($ONLINE steps, updates from $STARTS)."
   echo
-  echo "| script | mode | batch | steps/s |"
-  echo "|---|---|---|---|"
+  echo "| script | mode | batch | steps/s (median) | best interval | intervals |"
+  echo "|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
 } | tee "$OUT/speed.md"
 echo "speed.sh: table in $OUT/speed.md, logs in $OUT" >&2
