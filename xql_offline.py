@@ -18,6 +18,8 @@ Deviations (from the paper's text, or from the authors' code `Div99/XQL/offline`
   as the App. D.3 snippet; Table 4's "Grad Clip" column is this loss clip (`--loss-clip`).
 - Q loss is the squared error of Eq. 14 (as IQL); the authors' released code uses a Huber loss with
   delta 20, which equals half the squared error for TD errors below 20.
+- Value dropout is off on antmaze: the authors' antmaze config sets 0.5, but their value network never
+  applies dropout (no `training` flag reaches it), so their numbers were obtained without it.
 - Adroit has no released configuration (the authors' adroit script is a copy of the kitchen one); we
   use the kitchen settings (temperature 0.5, dropout 0.1) with beta 5.
 - Evaluation runs on gymnasium's Hopper/HalfCheetah/Walker2d-v4 (same observation layout as the gym
@@ -108,7 +110,8 @@ class Args:
     actor_dropout: Optional[float] = None
     """dropout in the actor's hidden layers (default: 0.1 kitchen/adroit, else 0)"""
     value_dropout: Optional[float] = None
-    """dropout in the value network's hidden layers (default: 0.5 antmaze, else 0; authors' configs)"""
+    """dropout in the value network's hidden layers (default 0: the authors' antmaze config sets 0.5, but their
+    value network never applies it, so the published numbers were obtained without it)"""
     cosine_actor_lr: Optional[bool] = None
     """cosine decay of the actor learning rate over --max-steps (default: on, off for antmaze)"""
     max_steps: int = 1_000_000
@@ -153,7 +156,7 @@ DOMAIN_DEFAULTS = {
                        expectile=0.7, actor_dropout=0.0, value_dropout=0.0, cosine_actor_lr=True,
                        eval_episodes=10),
     "antmaze": dict(beta=0.6, loss_clip=7.0, batch_size=256, num_v_updates=1, awr_temperature=10.0,
-                    expectile=0.9, actor_dropout=0.0, value_dropout=0.5, cosine_actor_lr=False,
+                    expectile=0.9, actor_dropout=0.0, value_dropout=0.0, cosine_actor_lr=False,
                     eval_episodes=100),
     "kitchen": dict(beta=5.0, loss_clip=7.0, batch_size=256, num_v_updates=1, awr_temperature=0.5,
                     expectile=0.7, actor_dropout=0.1, value_dropout=0.0, cosine_actor_lr=True,
@@ -185,6 +188,19 @@ TUNED_SETTINGS = {
     "kitchen-partial-v0": (5.0, 7.0, 1024, 1),
     "kitchen-mixed-v0": (8.0, 7.0, 1024, 1),
 }
+
+
+def domain_of(env_id: str) -> str:
+    """Which per-domain default block applies to a D4RL name or a Minari id."""
+    name = env_id.lower()
+    if "antmaze" in name:
+        return "antmaze"
+    if "kitchen" in name:
+        return "kitchen"
+    task = name.split("/")[1] if "/" in name else name.split("-")[0]  # `pen` must not match `invertedpendulum`
+    if task in ("pen", "hammer", "door", "relocate"):
+        return "adroit"
+    return "locomotion"
 
 
 def _d4rl_table() -> dict[str, dict]:
@@ -228,14 +244,12 @@ def _d4rl_table() -> dict[str, dict]:
             table[f"{task}-{kind}-v1"] = (f"{base}/hand_dapg_v1/{task}-{kind}-v1.hdf5", ref_min, ref_max)
     out = {}
     for name, (url, ref_min, ref_max) in table.items():
-        robot = name.split("-")[0]
-        domain = {"antmaze": "antmaze", "kitchen": "kitchen", "pen": "adroit", "hammer": "adroit",
-                  "relocate": "adroit", "door": "adroit"}.get(robot, "locomotion")
+        robot, domain = name.split("-")[0], domain_of(name)
         max_steps = {"antmaze": 1000, "kitchen": 280, "pen": 100}.get(robot, 200 if domain == "adroit" else 1000)
         if name.startswith("antmaze-umaze"):
             max_steps = 700
         out[name] = dict(url=url, file=url.rsplit("/", 1)[1], ref_min=ref_min, ref_max=ref_max,
-                         domain=domain, max_episode_steps=max_steps)
+                         max_episode_steps=max_steps)
     return out
 
 
@@ -257,18 +271,6 @@ D4RL_NO_EVAL_REASON = {
 def fail(message: str) -> SystemExit:
     """A user error: one line, non-zero exit."""
     return SystemExit(f"xql_offline: {message}")
-
-
-def domain_of(env_id: str) -> str:
-    """Which per-domain default block applies to a D4RL name or a Minari id."""
-    name = env_id.lower()
-    if "antmaze" in name:
-        return "antmaze"
-    if "kitchen" in name:
-        return "kitchen"
-    if any(task in name for task in ("pen", "hammer", "door", "relocate")):
-        return "adroit"
-    return "locomotion"
 
 
 def resolve_settings(args: Args) -> dict:
@@ -469,13 +471,13 @@ def load_dataset(args: Args, settings: dict):
         if value.dtype != bool and not np.all(np.isfinite(value)):
             raise fail(f"{args.env_id}: dataset {key} contain NaN or inf values")
     # Preprocessing as IQL / the authors (train_offline.py): actions clipped to +-(1 - 1e-5) so that
-    # their log-likelihood stays finite; antmaze reward - 1; locomotion rewards scaled by
-    # 1000 / (max - min trajectory return); others unchanged.
+    # their log-likelihood stays finite; antmaze reward - 1; halfcheetah/hopper/walker2d rewards scaled
+    # by 1000 / (max - min trajectory return) (the authors scale only these three); others unchanged.
     data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)
     reward_scale, reward_shift = 1.0, 0.0
     if domain == "antmaze":
         reward_shift = -1.0
-    elif domain == "locomotion":
+    elif any(robot in args.env_id.lower() for robot in ("halfcheetah", "hopper", "walker2d")):
         spread = float(returns.max() - returns.min())
         reward_scale = 1000.0 / spread if spread > 0 else 1.0
     data["rewards"] = data["rewards"] * reward_scale + reward_shift  # same transform for online data
@@ -595,7 +597,7 @@ class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, dropout: float):
         super().__init__()
         self.fc1, self.fc2 = orthogonal_linear(obs_dim, hidden_dim), orthogonal_linear(hidden_dim, hidden_dim)
-        self.mean = orthogonal_linear(hidden_dim, act_dim, gain=1.0)
+        self.mean = orthogonal_linear(hidden_dim, act_dim)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
         self.dropout = dropout
 

@@ -431,7 +431,7 @@ class Agent(nn.Module):
         self.log_alpha = nn.Parameter(torch.tensor(math.log(args.alpha_init)), requires_grad=args.autotune)
 
 
-def make_optimizers(agent: Agent, args: Args, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+def make_optimizers(agent: Agent, args: Args) -> dict[str, torch.optim.Optimizer]:
     """Adam per network (Table 5: one learning rate); fused kernels where the device has them, else foreach."""
 
     def adam(params) -> torch.optim.Optimizer:
@@ -618,7 +618,7 @@ def main(args: Args) -> str:
 
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     agent = Agent(obs_dim, action_dim, args).to(device)
-    optimizers = make_optimizers(agent, args, device)
+    optimizers = make_optimizers(agent, args)
     update = make_update(agent, optimizers, args, beta, target_entropy=-float(action_dim))
     sample_policy = lambda obs: agent.actor.sample(obs)[0]  # noqa: E731
     eval_policy = agent.actor.mean_action
@@ -652,9 +652,15 @@ def main(args: Args) -> str:
                          f"saved to {path}{' and buffer to ' + args.save_buffer if args.save_buffer else ''}. "
                          f"Try a larger --beta or a smaller --loss-clip (App. D.6).")
 
+    def check_finite(global_step: int) -> None:
+        """Host sync: read the device-side guard (at log intervals and evaluations only)."""
+        bad_step = guard.first_bad()
+        if bad_step is not None:
+            stop_on_non_finite(bad_step, global_step)
+
     last_finite_state, last_finite_step, last_finite_values = snapshot(), 0, {}
     last_eval, losses = float("nan"), None
-    start_time, start_step = time.time(), args.learning_starts
+    sps_time, sps_step = time.time(), 0
     obs, _ = env.reset(seed=args.seed)
 
     # ---- the loop: act, store, update, log, evaluate ----
@@ -676,8 +682,6 @@ def main(args: Args) -> str:
             obs, _ = env.reset()
 
         if global_step >= args.learning_starts:
-            if global_step == args.learning_starts:
-                start_time = time.time()
             update_step = global_step - args.learning_starts + 1
             losses = update(buffer.sample(args.batch_size), update_step % args.policy_frequency == 0)
             guard.update(global_step, losses)
@@ -694,9 +698,7 @@ def main(args: Args) -> str:
                 os.replace(f"{path}.tmp", path)
 
         if losses is not None and global_step % args.log_freq == 0:
-            bad_step = guard.first_bad()
-            if bad_step is not None:
-                stop_on_non_finite(bad_step, global_step)
+            check_finite(global_step)
             values = dict(zip(LOSS_NAMES, losses.tolist()))
             last_finite_state, last_finite_step, last_finite_values = snapshot(), global_step, values
             for name in ("q_loss", "v_loss", "actor_loss", "alpha", "alpha_loss"):
@@ -704,15 +706,14 @@ def main(args: Args) -> str:
             writer.add_scalar("values/v", values["v"], global_step)
             writer.add_scalar("values/q", values["q"], global_step)
             writer.add_scalar("charts/entropy", values["entropy"], global_step)
-            sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))  # env steps/s since updates began
-            if global_step > start_step:
-                writer.add_scalar("charts/SPS", sps, global_step)
+            sps = int((global_step - sps_step) / max(time.time() - sps_time, 1e-9))  # env steps/s over the last log interval
+            sps_time, sps_step = time.time(), global_step
+            writer.add_scalar("charts/SPS", sps, global_step)
             print(f"step {global_step:>8d} | SPS {sps:>5d} | q_loss {values['q_loss']:9.4f} | v_loss {values['v_loss']:9.4f} | "
                   f"actor_loss {values['actor_loss']:9.4f} | alpha {values['alpha']:.4f} | last eval {last_eval:9.2f}", flush=True)
 
         if global_step % args.eval_freq == 0 or global_step == args.total_timesteps:
-            if losses is not None and guard.first_bad() is not None:
-                stop_on_non_finite(guard.first_bad(), global_step)
+            check_finite(global_step)  # the last step always evaluates, so this is also the final check
             returns, lengths = evaluate(eval_policy, eval_env, args.eval_episodes, args.seed + 10_000, device)
             last_eval = float(returns.mean())
             writer.add_scalar("eval/episodic_return", last_eval, global_step)
@@ -720,8 +721,6 @@ def main(args: Args) -> str:
             print(f"step {global_step:>8d} | eval return {last_eval:.2f} +- {returns.std():.2f} over {len(returns)} episodes", flush=True)
 
     # ---- final report and save ----
-    if losses is not None and guard.first_bad() is not None:
-        stop_on_non_finite(guard.first_bad(), args.total_timesteps)
     if args.save_model:
         path = os.path.join(run_dir, "checkpoint.pt")
         save_atomically(checkpoint(agent.state_dict(), args.total_timesteps, with_optimizers=True), path)

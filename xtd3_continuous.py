@@ -506,7 +506,7 @@ def set_mujoco_gl_default(args: Args) -> None:
     """In-process callers (main(args) without the CLI): a headless default for gymnasium's MuJoCo renderer,
     which reads MUJOCO_GL when it renders. dm_control chose its backend at import: see the top of this file."""
     if args.capture_video and "MUJOCO_GL" not in os.environ:
-        backend = "egl" if torch.cuda.is_available() else "osmesa"
+        backend = "egl" if os.path.exists("/dev/nvidiactl") else "osmesa"  # the same test as the top of this file
         os.environ.update(MUJOCO_GL=backend, PYOPENGL_PLATFORM=backend)
         print(f"{PROG}: MUJOCO_GL was unset; using MUJOCO_GL={backend} for --capture-video.", flush=True)
 
@@ -588,25 +588,25 @@ def main(args: Args) -> str | np.ndarray:
     buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, action_dim, device)
     guard = FiniteGuard(device)
 
-    def checkpoint(global_step: int) -> dict:
-        return {"actor": actor.state_dict(), "critics": critics.state_dict(), "actor_target": actor_target.state_dict(),
-                "critics_target": critics_target.state_dict(), "actor_optimizer": actor_optimizer.state_dict(),
-                "critic_optimizer": critic_optimizer.state_dict(), "args": vars(args), "resolved": resolved,
-                "global_step": global_step}
-
     def finite_snapshot(global_step: int) -> dict:
         """Network parameters on the CPU, taken at a log interval whose losses were all finite: what a NaN stop saves."""
         snapshot = {name: {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
                     for name, module in (("actor", actor), ("critics", critics), ("actor_target", actor_target), ("critics_target", critics_target))}
         return {**snapshot, "args": vars(args), "resolved": resolved, "global_step": global_step}
 
-    def policy_action(obs_tensor: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return policy(obs_tensor)
+    def checkpoint(global_step: int) -> dict:
+        return {**finite_snapshot(global_step), "actor_optimizer": actor_optimizer.state_dict(),
+                "critic_optimizer": critic_optimizer.state_dict()}
+
+    def stop_if_nonfinite() -> None:
+        """Host sync: read the device-side guard (at log intervals, evaluations and the end only)."""
+        bad_step = guard.first_bad()
+        if bad_step is not None:
+            stop_on_nonfinite(args, bad_step, last_finite, run_dir, buffer, (env, eval_env, writer))
 
     obs, _ = env.reset(seed=args.seed)
     start_time, sps_time, sps_step = time.time(), time.time(), 0
-    critic_metrics, actor_loss, last_actor_loss, num_updates = None, None, None, 0
+    critic_metrics, last_actor_loss, num_updates = None, None, 0
     last_finite = {"step": 0, "values": {}, "checkpoint": finite_snapshot(0)}
     last_eval = float("nan")
     for global_step in range(1, args.total_timesteps + 1):
@@ -614,7 +614,7 @@ def main(args: Args) -> str | np.ndarray:
             action = env.action_space.sample()
         else:
             with torch.no_grad():
-                action = policy_action(torch.as_tensor(obs, device=device).unsqueeze(0))[0]
+                action = policy(torch.as_tensor(obs, device=device).unsqueeze(0))[0]
                 action = (action + exploration_noise * torch.randn_like(action)).clamp(-1.0, 1.0)  # Table 5 "Actor Noise"
             action = action.cpu().numpy()
             if not np.isfinite(action).all():  # the host copy above is a sync anyway: check before stepping
@@ -641,13 +641,11 @@ def main(args: Args) -> str | np.ndarray:
                 errors = bellman_errors(buffer.sample(args.batch_size), actor, critics, args.gamma)
                 os.makedirs(os.path.join(run_dir, "bellman_errors"), exist_ok=True)
                 path = os.path.join(run_dir, "bellman_errors", f"step_{global_step:08d}.npy")
-                np.save(f"{path}.tmp.npy", errors.float().cpu().numpy().astype(np.float32))
+                np.save(f"{path}.tmp.npy", errors.float().cpu().numpy())
                 os.replace(f"{path}.tmp.npy", path)
 
         if global_step % args.log_freq == 0 and critic_metrics is not None:
-            bad_step = guard.first_bad()
-            if bad_step is not None:
-                stop_on_nonfinite(args, bad_step, last_finite, run_dir, buffer, (env, eval_env, writer))
+            stop_if_nonfinite()
             q_loss, q_mean = critic_metrics.tolist()
             values = {"losses/q_loss": q_loss, "values/q": q_mean}
             if last_actor_loss is not None:
@@ -661,18 +659,14 @@ def main(args: Args) -> str | np.ndarray:
                   f"actor_loss {values.get('losses/actor_loss', float('nan')):.4g} last eval {last_eval:.1f}", flush=True)
 
         if (global_step % args.eval_freq == 0 or global_step == args.total_timesteps) and args.eval_episodes > 0:
-            if critic_metrics is not None and guard.first_bad() is not None:
-                stop_on_nonfinite(args, guard.first_bad(), last_finite, run_dir, buffer, (env, eval_env, writer))
-            returns, lengths = evaluate(policy_action, eval_env, args.eval_episodes, args.seed + 10_000, device)
+            stop_if_nonfinite()
+            returns, lengths = evaluate(policy, eval_env, args.eval_episodes, args.seed + 10_000, device)
             last_eval = float(returns.mean())
             writer.add_scalar("eval/episodic_return", last_eval, global_step)
             writer.add_scalar("eval/episodic_length", float(lengths.mean()), global_step)
             print(f"{PROG} eval at step {global_step}: return {returns.mean():.2f} +- {returns.std():.2f} ({len(returns)} episodes)", flush=True)
 
-    if critic_metrics is not None:
-        bad_step = guard.first_bad()
-        if bad_step is not None:
-            stop_on_nonfinite(args, bad_step, last_finite, run_dir, buffer, (env, eval_env, writer))
+    stop_if_nonfinite()
     env.close()
     eval_env.close()
     if args.save_model:
@@ -691,11 +685,9 @@ def main(args: Args) -> str | np.ndarray:
 
 def stop_on_nonfinite(args: Args, bad_step: int, last_finite: dict, run_dir: str, buffer: ReplayBuffer, to_close: tuple) -> None:
     """App. D.6 instability: stop rather than train on NaN, after saving the last finite parameters and the buffer."""
-    saved = []
-    if last_finite["checkpoint"] is not None:
-        path = os.path.join(run_dir, "last_finite_checkpoint.pt")
-        save_atomically(last_finite["checkpoint"], path)
-        saved.append(f"parameters of step {last_finite['step']} to {path}")
+    path = os.path.join(run_dir, "last_finite_checkpoint.pt")
+    save_atomically(last_finite["checkpoint"], path)
+    saved = [f"parameters of step {last_finite['step']} to {path}"]
     if args.save_buffer is not None:
         buffer.save_hdf5(args.save_buffer)
         saved.append(f"the replay buffer to {args.save_buffer}")
@@ -703,7 +695,7 @@ def stop_on_nonfinite(args: Args, bad_step: int, last_finite: dict, run_dir: str
         resource.close()
     last = ", ".join(f"{k} {v:.4g}" for k, v in last_finite["values"].items()) or "none logged yet"
     raise SystemExit(f"{PROG}: a loss became NaN/inf at env step {bad_step}; last finite values (step {last_finite['step']}): {last}; "
-                     f"saved {'; '.join(saved) or 'nothing (no finite log interval yet; --save-buffer not given)'}. "
+                     f"saved {'; '.join(saved)}. "
                      f"Try a larger --beta or a smaller --loss-clip (App. D.6), or restart with another seed.")
 
 

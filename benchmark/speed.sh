@@ -32,16 +32,16 @@ DATASET="$OUT/hopper-synthetic.hdf5"
 [ -f "$DATASET" ] || "$PYTHON" benchmark/speed.py dataset "$DATASET"
 
 rows=()
-run() {  # run SCRIPT MODE BATCH LEARNING_STARTS ARGS...
-  local script=$1 mode=$2 batch=$3 starts=$4
-  shift 4
+run() {  # run SCRIPT MODE BATCH ARGS...
+  local script=$1 mode=$2 batch=$3
+  shift 3
   local log="$OUT/${script%.py}_${mode}_b${batch}.log" flag=""
   [ "$mode" = "compile" ] && flag="--compile"
   echo "speed.sh: $script $mode batch $batch ..." >&2
   local t0=$SECONDS
   if "$PYTHON" "$script" $flag --no-cuda --runs-dir "$OUT/runs" --batch-size "$batch" --hidden-dim 256 "$@" >"$log" 2>&1; then
     local sps
-    sps=$("$PYTHON" benchmark/speed.py parse "$script" "$log" "$starts")
+    sps=$("$PYTHON" benchmark/speed.py parse "$script" "$log")
   else
     sps="| failed, see $log | | |"
   fi
@@ -51,13 +51,13 @@ run() {  # run SCRIPT MODE BATCH LEARNING_STARTS ARGS...
 
 load_before=$(uptime | sed 's/.*load average: //')
 for mode in $MODES; do
-  run xql_offline.py "$mode" 256 0 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
+  run xql_offline.py "$mode" 256 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
     --max-steps "$OFF256" --log-freq $((OFF256 / 6)) --eval-freq 0 --eval-episodes 1
-  run xql_offline.py "$mode" 1024 0 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
+  run xql_offline.py "$mode" 1024 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
     --max-steps "$OFF1024" --log-freq $((OFF1024 / 6)) --eval-freq 0 --eval-episodes 1
-  run xsac_continuous.py "$mode" 256 "$STARTS" --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
+  run xsac_continuous.py "$mode" 256 --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
     --learning-starts "$STARTS" --log-freq $(((ONLINE - STARTS) / 6)) --eval-freq 1000000 --eval-episodes 1
-  run xtd3_continuous.py "$mode" 256 "$STARTS" --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
+  run xtd3_continuous.py "$mode" 256 --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
     --learning-starts "$STARTS" --log-freq $(((ONLINE - STARTS) / 6)) --eval-freq 1000000 --eval-episodes 1
 done
 load_after=$(uptime | sed 's/.*load average: //')

@@ -135,7 +135,7 @@ def test_preprocessing_follows_the_authors(tmp_path):
 
 def test_domain_defaults_and_overrides():
     s = xql.resolve_settings(xql.Args(env_id="antmaze-medium-play-v0"))
-    assert (s["beta"], s["awr_temperature"], s["expectile"], s["value_dropout"], s["eval_episodes"]) == (0.6, 10.0, 0.9, 0.5, 100)
+    assert (s["beta"], s["awr_temperature"], s["expectile"], s["value_dropout"], s["eval_episodes"]) == (0.6, 10.0, 0.9, 0.0, 100)  # value dropout: the authors never applied it
     assert not s["cosine_actor_lr"]
     s = xql.resolve_settings(xql.Args(env_id="kitchen-partial-v0"))
     assert (s["beta"], s["awr_temperature"], s["actor_dropout"]) == (5.0, 0.5, 0.1)

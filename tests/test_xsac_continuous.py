@@ -209,7 +209,7 @@ def test_compiled_update_matches_eager():
         args = xsac.Args(hidden_dim=32, batch_size=32, compile=compiled, cuda=False)
         torch.manual_seed(0)
         agent = xsac.Agent(5, 1, args)
-        update = xsac.make_update(agent, xsac.make_optimizers(agent, args, torch.device("cpu")), args, 2.0, -1.0)
+        update = xsac.make_update(agent, xsac.make_optimizers(agent, args), args, 2.0, -1.0)
         if compiled:
             update = torch.compile(update)
         generator = torch.Generator().manual_seed(1)
