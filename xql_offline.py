@@ -1,1076 +1,748 @@
-"""Offline Extreme Q-Learning (X-QL) on D4RL and Minari datasets, and the IQL baseline from the same file.
+"""Offline X-QL: the soft value fitted by Gumbel regression on a dataset (D4RL, Minari or your own), and IQL beside it.
 
-X-QL fits the soft value V*(s) = beta log E_{a~data} exp(Q(s,a)/beta) with Gumbel regression (Eq. 11),
-regresses Q onto r + gamma V(s') with a squared loss (Eq. 14), and extracts a policy with advantage-
-weighted regression (Eq. 12). Paper: "Extreme Q-Learning: MaxEnt RL without Entropy", Sec. 3.2-3.5,
-App. D.3-D.4, Tables 1, 3, 4; training style of IQL (Kostrikov et al., 2021), as the authors' code.
+V(s) regresses min_i Q'_i(s, a) at dataset actions with the Gumbel loss (Eq. 11), whose minimiser is the soft value
+beta log E_{a~data}[exp(Q / beta)] (Lemma 3.5): no action is sampled from the policy, none is out of distribution. Q
+regresses r + gamma V(s') (Eq. 14); the policy is extracted by advantage-weighted regression (Eq. 12), in IQL's style
+as the authors' code. `--value-loss expectile` is IQL (Table 1's baseline); `--online-steps` fine-tunes (Table 2).
+Paper: Sec. 3.2-3.5, App. D.3-D.4, Tables 1-4. The line where X-QL departs from IQL is marked "X-QL:" in `update`.
 
-    python xql_offline.py --env-id hopper-medium-v2              # X-QL, Table 4 domain defaults
-    python xql_offline.py --env-id hopper-medium-v2 --value-loss expectile --exp-name iql   # IQL arm
-    python xql_offline.py --eval-only --checkpoint runs/<run>/checkpoint.pt                # evaluate
-    python xql_offline.py --env-id D4RL/antmaze/umaze-v1 --online-steps 1000000   # + online fine-tuning
+Usage: python xql_offline.py --env-id hopper-medium-v2 [--tuned] [--value-loss expectile --exp-name iql]
+       python xql_offline.py --dataset-path buffer.hdf5 --eval-env-id Pendulum-v1   # a dataset of your own
+       python xql_offline.py --eval-only --checkpoint runs/<run>/checkpoint.pt
 
-Deviations (from the paper's text, or from the authors' code `Div99/XQL/offline`, and why):
-- AWR weights are exp(temperature * (Q - V)), capped at 100, as in the authors' and IQL's code: their
-  `temperature` multiplies the advantage (it is 1/beta of Eq. 12), and it is a separate constant per
-  domain (3 locomotion, 10 antmaze, 0.5 kitchen/adroit), not the Gumbel beta.
-- The Gumbel loss clips z only from above (as the authors' `gumbel_rescale_loss`), not to [-clip, clip]
-  as the App. D.3 snippet; Table 4's "Grad Clip" column is this loss clip (`--loss-clip`).
-- Q loss is the squared error of Eq. 14 (as IQL); the authors' released code uses a Huber loss with
-  delta 20, which equals half the squared error for TD errors below 20.
-- Value dropout is off on antmaze: the authors' antmaze config sets 0.5, but their value network never
-  applies dropout (no `training` flag reaches it), so their numbers were obtained without it.
-- Adroit has no released configuration (the authors' adroit script is a copy of the kitchen one); we
-  use the kitchen settings (temperature 0.5, dropout 0.1) with beta 5.
-- Evaluation runs on gymnasium's Hopper/HalfCheetah/Walker2d-v4 (same observation layout as the gym
-  v2 envs the D4RL data came from). D4RL antmaze/kitchen/adroit-v0 have no faithful gymnasium env
-  (different observation layouts), so those runs train and say that evaluation is skipped.
-- Final AND best normalised scores are reported (the authors report only the best, an overestimate).
-- Minari datasets keep every transition (their episodes store the final observation); D4RL files are
-  converted exactly as `d4rl.qlearning_dataset` does.
-- Fine-tuning (`--online-steps`, Table 2): as the authors' `train_finetune.py` (one update per env step,
-  policy-sampled exploration, buffer = dataset + online data, mask 1 on time-limit truncation), but the
-  online reward gets the same preprocessing as the dataset (their code skipped the locomotion scaling
-  online) and the actor lr is constant online (their fine-tuning config has no decay).
+Deviations (from the paper, or from the authors' code github.com/Div99/XQL, offline/):
+- From their configs (the paper is silent): AWR weights exp(temperature (Q - V)) capped at 100, temperature 3 / 10 / 0.5
+  on locomotion / antmaze / kitchen (adroit: kitchen's), LayerNorm in V everywhere, a cosine actor-lr decay but on
+  antmaze, kitchen actor dropout 0.1, 100 AntMaze eval episodes (the text: 1000). Their antmaze V dropout never ran (no
+  `training` flag reaches it): off. Q's loss is Eq. 14's squared error (theirs: Huber, delta 20).
+- Table 4's "Grad Clip" clips z in the Gumbel loss, from above only as their offline code (`--clip-mode both`: App. D.3).
+  `--tuned-table authors`: their released scripts, which differ from Table 4 on 11 of 18 datasets and add `--noise` or
+  `--sample-random-times`, V-fitting augmentations the paper does not mention.
+- The IQL arm is IQL's own config: V without LayerNorm, the cosine on every domain, expectile 0.7 (antmaze 0.9).
+- Final and best scores are both reported: their code logs every evaluation and a running best; the paper does not say
+  which Table 1 shows. Fine-tuning follows their configs (no lr decay, one update per env step); their
+  train_finetune.py does not run as released (missing ConfigArgs fields; gumbel_log_loss given an unknown `args`).
+- Ours: online rewards get the dataset's scaling (theirs did not); data that is not D4RL's gets no reward transform
+  unless `--reward-norm` asks, and raw returns without `--ref-min-score`/`--ref-max-score`; actions live in [-1, 1].
 """
-from __future__ import annotations
 
-import copy
+import dataclasses
+import datetime
+import difflib
+import importlib.util
 import json
 import math
 import os
 import random
+import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+import warnings
+from functools import partial
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import h5py
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+PROG = os.path.splitext(os.path.basename(__file__))[0]
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
-    # --- experiment ---
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of the experiment (the algorithm arm: `xql`, `iql`); part of the run folder's name"""
-    seed: int = 1
-    """seed of the experiment (torch, numpy, random, eval env)"""
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when it is available (the CPU otherwise)"""
-    compile: bool = False
-    """torch.compile the update step and the evaluation policy (CPU and CUDA)"""
-    cudagraphs: bool = False
-    """capture the compiled update in CUDA graphs (CUDA only; implies --compile)"""
-    track: bool = False
-    """log to Weights and Biases"""
-    wandb_project_name: str = "xql"
-    """W&B project name"""
-    wandb_entity: Optional[str] = None
-    """W&B entity (team)"""
+    # ---- experiment ----
+    exp_name: str = PROG  # the algorithm arm in benchmarks (`xql`, `iql`); part of the run folder's name
+    seed: int = 1  # seed of python, numpy, torch and the environments
+    torch_deterministic: bool = True  # set `torch.backends.cudnn.deterministic`
+    cuda: bool = True  # use CUDA when it is available (the CPU otherwise)
+    compile: bool = False  # torch.compile the whole update (losses, backward, optimiser steps) and the policy
+    cudagraphs: bool = False  # CUDA only: compile with CUDA graphs (mode "reduce-overhead"); implies --compile
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"  # medium: bfloat16 matmuls (AVX-512-BF16, CUDA)
+    track: bool = False  # log the run to Weights & Biases (needs `pip install wandb`)
+    wandb_project_name: str = "xql"  # the wandb project
+    wandb_entity: str | None = None  # the wandb entity (team)
 
-    # --- environment / data ---
-    env_id: str = "hopper-medium-v2"
-    """dataset: a D4RL name (`hopper-medium-v2`, `antmaze-umaze-v0`, `kitchen-partial-v0`, `pen-human-v0`)
-    or a Minari id (contains `/`, e.g. `mujoco/hopper/medium-v0`)"""
-    dataset_path: Optional[str] = None
-    """D4RL HDF5 file to read instead of `$D4RL_DATASET_DIR` / `~/.d4rl/datasets/<d4rl's file name>`"""
-    eval_env_id: Optional[str] = None
-    """gymnasium env to evaluate on (default: Hopper/HalfCheetah/Walker2d-v4 for D4RL locomotion, the
-    recorded eval env for Minari)"""
-    normalize_states: bool = False
-    """standardise observations with the dataset's mean/std (applied to the eval env too)"""
+    # ---- data / environment ----
+    env_id: str | None = None  # a D4RL name or a Minari id (has a `/`); default: hopper-medium-v2, or the file's name
+    dataset_path: str | None = None  # a D4RL-format HDF5 file: a D4RL dataset's, or your own (e.g. from --save-buffer)
+    eval_env_id: str | None = None  # gymnasium env to evaluate on (default: the dataset's, see `load_dataset`)
+    normalize_states: bool = False  # standardise observations with the dataset's mean and std (the eval env's too)
+    reward_norm: Literal["auto", "none", "returns", "antmaze"] = "auto"  # auto: the authors' rule on D4RL data, else none
+    ref_min_score: float | None = None  # a random policy's return, for normalised scores (default: D4RL's)
+    ref_max_score: float | None = None  # an expert policy's return, for normalised scores (default: D4RL's)
 
-    # --- algorithm ---
-    value_loss: Literal["gumbel", "expectile"] = "gumbel"
-    """`gumbel`: X-QL (Eq. 11); `expectile`: IQL's expectile regression (the Table 1 baseline)"""
-    tuned: bool = False
-    """use the per-dataset X-QL-T values of Table 4 (beta, loss clip, batch size, v-updates)"""
-    beta: Optional[float] = None
-    """Gumbel temperature beta of Eq. 11 (default: Table 4 per domain: 2 locomotion, 0.6 antmaze, 5 kitchen)"""
-    loss_clip: Optional[float] = None
-    """upper clip of z = (Q - V)/beta in the Gumbel loss (App. D.3; Table 4 "Grad Clip"; default 7)"""
-    expectile: Optional[float] = None
-    """expectile of the IQL arm (default: 0.7, antmaze 0.9, as IQL)"""
-    batch_size: Optional[int] = None
-    """batch size (default: 256, Table 4)"""
-    num_v_updates: Optional[int] = None
-    """value updates per Q update (Table 4 "v_updates"; default 1)"""
-    awr_temperature: Optional[float] = None
-    """AWR inverse temperature: weights exp(temperature * (Q - V)) (default: 3 locomotion, 10 antmaze,
-    0.5 kitchen/adroit, the authors' configs)"""
-    max_exp_advantage: float = 100.0
-    """cap on the AWR weight exp(temperature * advantage) (authors' code, IQL)"""
-    actor_dropout: Optional[float] = None
-    """dropout in the actor's hidden layers (default: 0.1 kitchen/adroit, else 0)"""
-    value_dropout: Optional[float] = None
-    """dropout in the value network's hidden layers (default 0: the authors' antmaze config sets 0.5, but their
-    value network never applies it, so the published numbers were obtained without it)"""
-    cosine_actor_lr: Optional[bool] = None
-    """cosine decay of the actor learning rate over --max-steps (default: on, off for antmaze)"""
-    max_steps: int = 1_000_000
-    """gradient steps"""
-    learning_rate: float = 3e-4
-    """Adam learning rate of actor, critics and value"""
-    gamma: float = 0.99
-    """discount"""
-    tau: float = 0.005
-    """Polyak rate of the target critic"""
-    hidden_dim: int = 256
-    """width of the two hidden layers of every network"""
-    online_steps: int = 0
-    """after the offline phase, fine-tune for this many environment steps (one gradient step each;
-    issue 7, Table 2; the authors ran 1M); needs an environment (D4RL locomotion or a Minari eval env)"""
+    # ---- algorithm ----
+    value_loss: Literal["gumbel", "expectile", "taylor"] = "gumbel"  # X-QL (Eq. 11), IQL, or MXQL's loss
+    tuned: bool = False  # per-dataset values of --tuned-table (X-QL-T) instead of the per-domain ones
+    tuned_table: Literal["paper", "authors"] = "paper"  # Table 4's X-QL-T values or the authors' released scripts
+    beta: float | None = None  # Gumbel temperature of Eq. 11 (default: Table 4)
+    loss_clip: float | None = None  # clip of z = (Q - V) / beta in the Gumbel loss (default: Table 4 "Grad Clip")
+    clip_mode: Literal["both", "upper"] = "upper"  # z <= clip (authors' offline code) or z to [-clip, clip]
+    taylor_order: int = 4  # --value-loss taylor: the even order N of sum_{n=2..N} z^n / n! (MXQL's default)
+    expectile: float | None = None  # IQL's expectile (default: 0.7, antmaze 0.9)
+    batch_size: int | None = None  # batch size (default: Table 4)
+    num_v_updates: int | None = None  # V updates per Q update, on the same batch (default: Table 4 "v_updates")
+    noise: bool = False  # fit V at the dataset actions plus clipped Gaussian noise (the authors' --noise)
+    sample_random_times: int = 0  # also fit V at this many uniform random actions per state (the authors' flag)
+    awr_temperature: float | None = None  # AWR weights exp(temperature (Q - V)) (default: 3, antmaze 10, kitchen 0.5)
+    max_exp_advantage: float = 100.0  # cap on the AWR weight (the authors' code, IQL)
+    actor_dropout: float | None = None  # dropout in the actor's hidden layers (default: 0.1 kitchen and adroit, else 0)
+    value_dropout: float = 0.0  # dropout in V's hidden layers (the authors' antmaze 0.5 never took effect)
+    cosine_actor_lr: bool = True  # decay the actor's lr by a cosine where the source config does; --no-...: never
+    max_steps: int = 1_000_000  # offline gradient steps
+    learning_rate: float = 3e-4  # Adam learning rate of actor, critics and V
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # Polyak rate of the target critics
+    hidden_dim: int = 256  # width of the two hidden layers of every network
+    online_steps: int = 0  # then fine-tune for this many env steps, one update each (Table 2: 1M)
 
-    # --- logging / output ---
-    eval_freq: int = 5000
-    """evaluate every this many gradient steps (0: only at the end)"""
-    eval_episodes: Optional[int] = None
-    """episodes per evaluation (default: 10, antmaze 100)"""
-    log_freq: int = 1000
-    """log losses and print the progress line every this many gradient steps"""
-    runs_dir: str = "runs"
-    """parent folder of the run folders"""
-    save_model: bool = False
-    """write `checkpoint.pt` (atomically) at each evaluation and at the end"""
-    eval_only: bool = False
-    """evaluate --checkpoint and exit (no training, no run folder)"""
-    checkpoint: Optional[str] = None
-    """checkpoint to evaluate with --eval-only"""
-    resume: Optional[str] = None
-    """checkpoint of an unfinished run to continue (offline or online phase) with the same --env-id;
-    writes a new run folder"""
+    # ---- logging / output ----
+    runs_dir: str = "runs"  # parent folder of the run folders
+    log_freq: int = 1000  # gradient steps between TensorBoard losses and console progress lines
+    eval_freq: int = 5000  # gradient (fine-tuning: env) steps between evaluations; 0: only at the end of each phase
+    eval_episodes: int | None = None  # episodes per evaluation (default: 10, antmaze 100)
+    save_model: bool = False  # write runs/{run_name}/checkpoint.pt at each evaluation and at the end
+    eval_only: bool = False  # evaluate --checkpoint and exit
+    checkpoint: str | None = None  # a checkpoint written by --save-model, for --eval-only
+    resume: str | None = None  # continue the run of this checkpoint (same --env-id) in a new run folder
 
 
-# Per-domain defaults. beta, loss clip, batch, v-updates: Table 4 (X-QL column); AWR temperature,
-# expectile, dropouts, lr schedule, eval episodes: the authors' configs (`offline/configs/*.py`) and
-# reproduce scripts, which follow IQL.
-DOMAIN_DEFAULTS = {
-    "locomotion": dict(beta=2.0, loss_clip=7.0, batch_size=256, num_v_updates=1, awr_temperature=3.0,
-                       expectile=0.7, actor_dropout=0.0, value_dropout=0.0, cosine_actor_lr=True,
-                       eval_episodes=10),
-    "antmaze": dict(beta=0.6, loss_clip=7.0, batch_size=256, num_v_updates=1, awr_temperature=10.0,
-                    expectile=0.9, actor_dropout=0.0, value_dropout=0.0, cosine_actor_lr=False,
-                    eval_episodes=100),
-    "kitchen": dict(beta=5.0, loss_clip=7.0, batch_size=256, num_v_updates=1, awr_temperature=0.5,
-                    expectile=0.7, actor_dropout=0.1, value_dropout=0.0, cosine_actor_lr=True,
-                    eval_episodes=10),
-    # No released adroit config: kitchen settings (see Deviations).
-    "adroit": dict(beta=5.0, loss_clip=7.0, batch_size=256, num_v_updates=1, awr_temperature=0.5,
-                   expectile=0.7, actor_dropout=0.1, value_dropout=0.0, cosine_actor_lr=True,
-                   eval_episodes=10),
-}
-
-# Table 4, values in parentheses (X-QL-T): (beta, loss clip, batch size, v-updates).
-TUNED_SETTINGS = {
-    "halfcheetah-medium-v2": (1.0, 7.0, 256, 1),
-    "hopper-medium-v2": (5.0, 7.0, 256, 1),
-    "walker2d-medium-v2": (10.0, 7.0, 256, 1),
-    "halfcheetah-medium-replay-v2": (1.0, 5.0, 256, 1),
-    "hopper-medium-replay-v2": (2.0, 7.0, 256, 1),
-    "walker2d-medium-replay-v2": (5.0, 7.0, 256, 1),
-    "halfcheetah-medium-expert-v2": (1.0, 5.0, 1024, 1),
-    "hopper-medium-expert-v2": (2.0, 7.0, 1024, 1),
-    "walker2d-medium-expert-v2": (2.0, 5.0, 1024, 1),
-    "antmaze-umaze-v0": (1.0, 7.0, 256, 4),
-    "antmaze-umaze-diverse-v0": (2.0, 7.0, 1024, 1),
-    "antmaze-medium-play-v0": (0.8, 7.0, 1024, 2),
-    "antmaze-medium-diverse-v0": (0.6, 7.0, 256, 4),
-    "antmaze-large-play-v0": (0.8, 5.0, 1024, 1),
-    "antmaze-large-diverse-v0": (0.6, 5.0, 1024, 1),
-    "kitchen-complete-v0": (2.0, 7.0, 1024, 1),
-    "kitchen-partial-v0": (5.0, 7.0, 1024, 1),
-    "kitchen-mixed-v0": (8.0, 7.0, 1024, 1),
+# Per domain: beta, loss clip, batch size (Table 4, X-QL column); AWR temperature, expectile, actor dropout, cosine
+# actor lr, eval episodes (the authors' offline/configs: IQL's, but for no lr decay on antmaze). Adroit: kitchen's.
+DOMAIN_KEYS = ("beta", "loss_clip", "batch_size", "awr_temperature", "expectile", "actor_dropout", "cosine", "eval_episodes")
+DOMAINS = {"locomotion": (2.0, 7.0, 256, 3.0, 0.7, 0.0, True, 10), "antmaze": (0.6, 7.0, 256, 10.0, 0.9, 0.0, False, 100),
+           "kitchen": (5.0, 7.0, 256, 0.5, 0.7, 0.1, True, 10), "adroit": (5.0, 7.0, 256, 0.5, 0.7, 0.1, True, 10)}
+# Per dataset: Table 4's X-QL-T (beta, clip, batch, v-updates); the authors' reproduce/*.sh (also --noise, random times).
+TUNED = {
+    "halfcheetah-medium-v2": ((1, 7, 256, 1), (1, 7, 1024, 1, True, 0)),
+    "hopper-medium-v2": ((5, 7, 256, 1), (5, 7, 1024, 1, False, 0)),
+    "walker2d-medium-v2": ((10, 7, 256, 1), (10, 7, 1024, 1, False, 0)),
+    "halfcheetah-medium-replay-v2": ((1, 5, 256, 1), (1, 5, 256, 1, False, 0)),
+    "hopper-medium-replay-v2": ((2, 7, 256, 1), (2, 7, 256, 1, False, 0)),
+    "walker2d-medium-replay-v2": ((5, 7, 256, 1), (5, 5, 1024, 1, False, 0)),
+    "halfcheetah-medium-expert-v2": ((1, 5, 1024, 1), (1, 5, 1024, 1, False, 0)),
+    "hopper-medium-expert-v2": ((2, 7, 1024, 1), (2, 7, 1024, 1, False, 1)),
+    "walker2d-medium-expert-v2": ((2, 5, 1024, 1), (2, 5, 256, 1, False, 0)),
+    "antmaze-umaze-v0": ((1, 7, 256, 4), (2, 7, 256, 1, False, 0)),
+    "antmaze-umaze-diverse-v0": ((2, 7, 1024, 1), (5, 7, 256, 1, False, 1)),
+    "antmaze-medium-play-v0": ((0.8, 7, 1024, 2), (0.8, 5, 256, 1, False, 0)),
+    "antmaze-medium-diverse-v0": ((0.6, 7, 256, 4), (0.6, 7, 256, 4, False, 0)),
+    "antmaze-large-play-v0": ((0.8, 5, 1024, 1), (0.6, 5, 1024, 1, False, 0)),
+    "antmaze-large-diverse-v0": ((0.6, 5, 1024, 1), (0.55, 5, 1024, 1, False, 0)),
+    "kitchen-complete-v0": ((2, 7, 1024, 1), (2, 7, 1024, 1, False, 0)),
+    "kitchen-partial-v0": ((5, 7, 1024, 1), (5, 7, 1024, 1, False, 0)),
+    "kitchen-mixed-v0": ((8, 7, 1024, 1), (8, 7, 1024, 1, False, 0)),
 }
 
 
-def domain_of(env_id: str) -> str:
-    """Which per-domain default block applies to a D4RL name or a Minari id."""
-    name = env_id.lower()
-    if "antmaze" in name:
-        return "antmaze"
-    if "kitchen" in name:
-        return "kitchen"
-    task = name.split("/")[1] if "/" in name else name.split("-")[0]  # `pen` must not match `invertedpendulum`
-    if task in ("pen", "hammer", "door", "relocate"):
-        return "adroit"
-    return "locomotion"
-
-
-def _d4rl_table() -> dict[str, dict]:
-    """D4RL dataset name -> file name (the basename of d4rl's URL, which is what d4rl stores under
-    ~/.d4rl/datasets), download URL, reference scores (d4rl/infos.py), domain, max episode steps."""
+def d4rl_datasets() -> dict[str, dict]:
+    """D4RL name -> download URL (its file name: d4rl's), reference returns (d4rl/infos.py), max episode steps."""
+    table, refs = {}, {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
+    for robot, version in [(robot, version) for robot in refs for version in ("v1", "v2")]:
+        for kind in ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert"):
+            path = f"gym_mujoco_{version}/{robot}_{kind.replace('-', '_')}-{version}"
+            table[f"{robot}-{kind}-{version}"] = (path, refs[robot], 1000)
+    mazes = {"umaze": ("u", False, False), "umaze-diverse": ("u", True, True), "medium-play": ("big", True, False),
+             "medium-diverse": ("big", True, True), "large-play": ("hardest", True, False),
+             "large-diverse": ("hardest", True, True)}
+    for kind, (maze, multistart, multigoal) in mazes.items():
+        stem = f"Ant_maze_{maze}-maze_noisy_multistart_{multistart}_multigoal_{multigoal}_sparse"
+        steps = 700 if "umaze" in kind else 1000
+        table[f"antmaze-{kind}-v0"] = (f"ant_maze_new/{stem}", (0.0, 1.0), steps)
+        table[f"antmaze-{kind}-v2"] = (f"ant_maze_v2/{stem}_fixed", (0.0, 1.0), steps)
+    kitchens = {"complete": "mini_kitchen_microwave_kettle_light_slider", "partial": "kitchen_microwave_kettle_light_slider",
+                "mixed": "kitchen_microwave_kettle_bottomburner_light"}
+    table |= {f"kitchen-{kind}-v0": (f"kitchen/{stem}-v0", (0.0, 4.0), 280) for kind, stem in kitchens.items()}
+    for task, ref in {"pen": (96.262799, 3076.8331017826877), "hammer": (-274.856578, 12794.134825156867),
+                      "relocate": (-6.425911, 4233.877797728884), "door": (-56.512833, 2880.5693087298737)}.items():
+        for kind, stem in (("human", "v0_demos_clipped"), ("cloned", "demos-v0-bc-combined"), ("expert", "v0_expert_clipped")):
+            table[f"{task}-{kind}-v0"] = (f"hand_dapg/{task}-{stem}", ref, 100 if task == "pen" else 200)
+            table[f"{task}-{kind}-v1"] = (f"hand_dapg_v1/{task}-{kind}-v1", ref, 100 if task == "pen" else 200)
     base = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
-    table = {}
-    locomotion_ref = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3),
-                      "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
-    v0_files = {"random": "random", "medium": "medium", "expert": "expert", "medium-replay": "mixed",
-                "medium-expert": "medium_expert"}
-    for robot, (ref_min, ref_max) in locomotion_ref.items():
-        for kind, v0_name in v0_files.items():
-            v0_robot = "walker" if (robot == "walker2d" and kind == "medium-replay") else robot
-            table[f"{robot}-{kind}-v0"] = (f"{base}/gym_mujoco/{v0_robot}_{v0_name}.hdf5", ref_min, ref_max)
-        for kind in ["random", "medium", "expert", "medium-replay", "full-replay", "medium-expert"]:
-            for version in ("v1", "v2"):
-                stem = f"{robot}_{kind.replace('-', '_')}-{version}"
-                table[f"{robot}-{kind}-{version}"] = (f"{base}/gym_mujoco_{version}/{stem}.hdf5", ref_min, ref_max)
-    maze_files = {"umaze": "u-maze_noisy_multistart_False_multigoal_False",
-                  "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
-                  "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
-                  "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
-                  "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
-                  "large-diverse": "hardest-maze_noisy_multistart_True_multigoal_True"}
-    for kind, stem in maze_files.items():
-        table[f"antmaze-{kind}-v0"] = (f"{base}/ant_maze_new/Ant_maze_{stem}_sparse.hdf5", 0.0, 1.0)
-        table[f"antmaze-{kind}-v2"] = (f"{base}/ant_maze_v2/Ant_maze_{stem}_sparse_fixed.hdf5", 0.0, 1.0)
-    kitchen_files = {"complete": "mini_kitchen_microwave_kettle_light_slider-v0",
-                     "partial": "kitchen_microwave_kettle_light_slider-v0",
-                     "mixed": "kitchen_microwave_kettle_bottomburner_light-v0"}
-    for kind, stem in kitchen_files.items():
-        table[f"kitchen-{kind}-v0"] = (f"{base}/kitchen/{stem}.hdf5", 0.0, 4.0)
-    adroit_ref = {"pen": (96.262799, 3076.8331017826877), "hammer": (-274.856578, 12794.134825156867),
-                  "relocate": (-6.425911, 4233.877797728884), "door": (-56.512833, 2880.5693087298737)}
-    for task, (ref_min, ref_max) in adroit_ref.items():
-        table[f"{task}-human-v0"] = (f"{base}/hand_dapg/{task}-v0_demos_clipped.hdf5", ref_min, ref_max)
-        table[f"{task}-cloned-v0"] = (f"{base}/hand_dapg/{task}-demos-v0-bc-combined.hdf5", ref_min, ref_max)
-        table[f"{task}-expert-v0"] = (f"{base}/hand_dapg/{task}-v0_expert_clipped.hdf5", ref_min, ref_max)
-        for kind in ("human", "cloned", "expert"):
-            table[f"{task}-{kind}-v1"] = (f"{base}/hand_dapg_v1/{task}-{kind}-v1.hdf5", ref_min, ref_max)
-    out = {}
-    for name, (url, ref_min, ref_max) in table.items():
-        robot, domain = name.split("-")[0], domain_of(name)
-        max_steps = {"antmaze": 1000, "kitchen": 280, "pen": 100}.get(robot, 200 if domain == "adroit" else 1000)
-        if name.startswith("antmaze-umaze"):
-            max_steps = 700
-        out[name] = dict(url=url, file=url.rsplit("/", 1)[1], ref_min=ref_min, ref_max=ref_max,
-                         max_episode_steps=max_steps)
-    return out
+    return {name: dict(url=f"{base}/{path}.hdf5", ref=ref, max_episode_steps=steps)
+            for name, (path, ref, steps) in table.items()}
 
 
-D4RL_DATASETS = _d4rl_table()
-
-# D4RL locomotion -> gymnasium eval env with the same observation layout (the v2 envs the data came from).
+D4RL = d4rl_datasets()
+# D4RL locomotion came from gym's v2 envs, whose observation layout gymnasium's v4 keeps; antmaze, kitchen, adroit: none.
 D4RL_EVAL_ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}
-D4RL_NO_EVAL_REASON = {
-    "antmaze": "D4RL antmaze observations (29-d, goal-less ant) differ from gymnasium-robotics AntMaze "
-               "(dict with goals); use the Minari D4RL/antmaze datasets to evaluate",
-    "kitchen": "D4RL kitchen-v0 observations (60-d) differ from gymnasium-robotics FrankaKitchen-v1; "
-               "use the Minari D4RL/kitchen datasets to evaluate",
-    "adroit": "D4RL adroit-v0/v1 reference scores were measured on the mujoco-py envs; pass "
-              "--eval-env-id AdroitHand<Task>-v1 to evaluate on gymnasium-robotics anyway",
-    "ant": "D4RL ant observations (111-d) differ from gymnasium Ant-v4 (27-d by default)",
-}
 
 
-def fail(message: str) -> SystemExit:
-    """A user error: one line, non-zero exit."""
-    return SystemExit(f"xql_offline: {message}")
-
-
-def resolve_settings(args: Args) -> dict:
-    """Per-domain defaults (Table 4 / authors' configs), then --tuned (Table 4 X-QL-T), then the user's flags."""
-    domain = domain_of(args.env_id)
-    settings = dict(DOMAIN_DEFAULTS[domain])
+def resolve_args(args: Args) -> Args:
+    """User errors end here, one line each, before anything is created; then the tables fill the unset fields, once."""
+    file_name = os.path.basename(args.dataset_path).rsplit(".", 1)[0] if args.dataset_path else None
+    env_id = args.env_id or file_name or "hopper-medium-v2"
+    close = ", ".join(difflib.get_close_matches(env_id, D4RL, 3) or ["hopper-medium-v2"])
+    rules = [
+        (not (env_id in D4RL or "/" in env_id or args.dataset_path), f"unknown --env-id {env_id!r}: not a D4RL name "
+         f"(e.g. {close}) nor a Minari id (which has a '/'); pass --dataset-path for a file of your own"),
+        (args.dataset_path and not os.path.isfile(args.dataset_path), f"--dataset-path {args.dataset_path!r} does not exist"),
+        (args.tuned and env_id not in TUNED, f"--tuned: no tuned values for {env_id!r}; the tables list {', '.join(TUNED)}"),
+        (args.beta is not None and not args.beta > 0, "--beta must be > 0 (it divides Q - V in Eq. 11)"),
+        (args.expectile is not None and not 0 < args.expectile < 1, "--expectile must be in (0, 1)"),
+        (args.taylor_order < 2 or args.taylor_order % 2, "--taylor-order must be even and >= 2 (odd: unbounded below)"),
+        (any(value is not None and value < 1 for value in (args.max_steps, args.log_freq, args.hidden_dim, args.batch_size,
+                                                          args.num_v_updates, args.eval_episodes)),
+         "--max-steps, --log-freq, --hidden-dim, --batch-size, --num-v-updates and --eval-episodes must be >= 1"),
+        (min(args.online_steps, args.eval_freq, args.sample_random_times) < 0,
+         "--online-steps, --eval-freq and --sample-random-times must be >= 0"),
+        (not 0 <= (args.actor_dropout or 0) < 1 or not 0 <= args.value_dropout < 1, "dropout rates must be in [0, 1)"),
+        (args.cudagraphs and not (args.cuda and torch.cuda.is_available()), "--cudagraphs needs a CUDA device"),
+        (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+        (args.eval_only and not args.checkpoint, "--eval-only needs --checkpoint PATH (a checkpoint.pt of --save-model)"),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise SystemExit(f"{PROG}: {message}.")
+    if args.eval_only:
+        return args
+    task = env_id.lower().split("/")[1] if "/" in env_id else env_id.lower().split("-")[0]  # `pen`, not `invertedpendulum`
+    domain = next((name for name in ("antmaze", "kitchen") if name in env_id.lower()), "locomotion")
+    domain = "adroit" if task in ("pen", "hammer", "door", "relocate") else domain  # other datasets: locomotion's settings
+    table = dict(zip(DOMAIN_KEYS, DOMAINS[domain]), num_v_updates=1)
     if args.tuned:
-        if args.env_id not in TUNED_SETTINGS:
-            raise fail(f"--tuned: Table 4 has no tuned values for {args.env_id!r}; it lists "
-                       f"{', '.join(TUNED_SETTINGS)}")
-        beta, clip, batch, v_updates = TUNED_SETTINGS[args.env_id]
-        settings.update(beta=beta, loss_clip=clip, batch_size=batch, num_v_updates=v_updates)
-    for key in settings:
-        value = getattr(args, key)
-        if value is not None:
-            settings[key] = value
-    settings["domain"] = domain
-    return settings
+        paper, authors = TUNED[env_id]
+        beta, clip, batch, v_updates, noise, random_times = (*paper, False, 0) if args.tuned_table == "paper" else authors
+        table.update(beta=beta, loss_clip=clip, batch_size=batch, num_v_updates=v_updates)
+        random_times = max(args.sample_random_times, random_times)
+        args = dataclasses.replace(args, noise=args.noise or noise, sample_random_times=random_times)
+    # The cosine: where the domain's config has it, on every domain for IQL, never when fine-tuning (their configs).
+    cosine = args.cosine_actor_lr and (table.pop("cosine") or args.value_loss == "expectile") and not args.online_steps
+    filled = {key: value if getattr(args, key) is None else getattr(args, key) for key, value in table.items()}
+    return dataclasses.replace(args, **filled, env_id=env_id, cosine_actor_lr=cosine, compile=args.compile or args.cudagraphs)
 
 
-def validate(args: Args, settings: dict) -> None:
-    if settings["beta"] <= 0:
-        raise fail(f"--beta must be > 0 (got {settings['beta']}); Table 4 uses 0.6 to 10")
-    if settings["loss_clip"] <= 0:
-        raise fail(f"--loss-clip must be > 0 (got {settings['loss_clip']})")
-    if not 0 < settings["expectile"] < 1:
-        raise fail(f"--expectile must be in (0, 1) (got {settings['expectile']})")
-    if settings["batch_size"] < 1 or settings["num_v_updates"] < 1 or args.max_steps < 1:
-        raise fail("--batch-size, --num-v-updates and --max-steps must be >= 1")
-    for key in ("actor_dropout", "value_dropout"):
-        if not 0 <= settings[key] < 1:
-            raise fail(f"--{key.replace('_', '-')} must be in [0, 1) (got {settings[key]})")
-    if settings["eval_episodes"] < 1 or args.eval_freq < 0 or args.log_freq < 1:
-        raise fail("--eval-episodes and --log-freq must be >= 1, --eval-freq >= 0")
-    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
-        raise fail("--cudagraphs needs a CUDA device (none available here); use --compile on the CPU")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------
-def d4rl_file(args: Args) -> str:
-    """The D4RL HDF5 file for --env-id: --dataset-path, else where d4rl itself would have stored it."""
-    if args.dataset_path is not None:
-        if not os.path.isfile(args.dataset_path):
-            raise fail(f"--dataset-path {args.dataset_path!r} does not exist")
-        return args.dataset_path
-    info = D4RL_DATASETS[args.env_id]
-    searched = []
-    if os.environ.get("D4RL_DATASET_DIR"):
-        searched.append(os.environ["D4RL_DATASET_DIR"])
-    searched.append(os.path.expanduser("~/.d4rl/datasets"))
-    for folder in searched:
-        path = os.path.join(folder, info["file"])
-        if os.path.isfile(path):
-            return path
-    raise fail(f"dataset file {info['file']!r} for {args.env_id} not found in {' or '.join(searched)}; "
-               f"download it with `wget -P ~/.d4rl/datasets {info['url']}` or pass --dataset-path")
-
-
-def read_d4rl_hdf5(path: str) -> dict[str, np.ndarray]:
-    """Read a D4RL HDF5 file with h5py and check it as `d4rl.OfflineEnv.get_dataset` does."""
+def read_hdf5(path: str) -> dict[str, np.ndarray]:
+    """A D4RL-format HDF5 file, read with h5py and checked as `d4rl.OfflineEnv.get_dataset` does, and its attributes."""
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
-            if missing:
-                raise fail(f"{path}: HDF5 file lacks key(s) {missing} (has {sorted(f.keys())}); "
-                           "a D4RL file needs observations, actions, rewards, terminals")
-            data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k in f}
+            data = {key: f[key][()] if key in f else None for key in keys} | {"attrs": dict(f.attrs)}
     except OSError as error:
-        raise fail(f"{path}: not a readable HDF5 file ({error})")
-    n = len(data["observations"])
-    for key in ("rewards", "terminals", "timeouts"):
-        if key in data and data[key].ndim == 2 and data[key].shape[1] == 1:
-            data[key] = data[key][:, 0]
-    for key, value in data.items():
-        if len(value) != n:
-            raise fail(f"{path}: {key} has {len(value)} rows but observations has {n}")
-    if data["observations"].ndim != 2 or data["actions"].ndim != 2:
-        raise fail(f"{path}: observations and actions must be 2-d arrays (got shapes "
-                   f"{data['observations'].shape}, {data['actions'].shape})")
-    if n < 2:
-        raise fail(f"{path}: needs at least 2 rows (has {n})")
-    return data
+        raise SystemExit(f"{PROG}: {path}: not a readable HDF5 file ({error}).")
+    missing = [key for key in keys[:4] if data[key] is None]
+    if missing:
+        raise SystemExit(f"{PROG}: {path}: the file lacks {missing}; a D4RL file has {', '.join(keys[:4])}.")
+    for key in [key for key in keys[1:] if data[key] is not None and len(data[key]) != len(data["observations"])]:
+        raise SystemExit(f"{PROG}: {path}: {key} has {len(data[key])} rows but observations has {len(data['observations'])}.")
+    return data | {key: data[key].reshape(len(data[key]), -1)[:, 0] for key in keys[2:] if data[key] is not None}
 
 
-def qlearning_dataset(data: dict[str, np.ndarray], max_episode_steps: int) -> dict[str, np.ndarray]:
-    """Exactly `d4rl.qlearning_dataset(env, terminate_on_end=False)`: the next observation is row i+1,
-    rows flagged as timeouts are dropped (their row i+1 starts a new episode), the last row is dropped.
-
-    The files' own `next_observations` key is not used: the published X-QL and IQL numbers were trained on
-    this conversion, and the v0 antmaze/kitchen/adroit files have no such key."""
-    n = len(data["rewards"])
-    if "timeouts" in data:
-        keep = ~data["timeouts"][: n - 1].astype(bool)
-    else:  # old files: d4rl counts steps and treats step `max_episode_steps - 1` as the timeout
-        keep = np.zeros(n - 1, dtype=bool)
-        episode_step = 0
-        for i in range(n - 1):
-            final_timestep = episode_step == max_episode_steps - 1
-            if final_timestep:
-                episode_step = 0
-                continue
-            if bool(data["terminals"][i]):
-                episode_step = 0
-            keep[i] = True
-            episode_step += 1
-    index = np.nonzero(keep)[0]
-    return dict(observations=data["observations"][index].astype(np.float32),
-                actions=data["actions"][index].astype(np.float32),
-                next_observations=data["observations"][index + 1].astype(np.float32),
-                rewards=data["rewards"][index].astype(np.float32),
-                terminals=data["terminals"][index].astype(bool))
+def qlearning_dataset(data: dict, max_episode_steps: int) -> dict[str, np.ndarray]:
+    """Exactly `d4rl.qlearning_dataset(env)`, as the published numbers used: row i's next observation is row i+1; rows
+    ending in a timeout are dropped (row i+1 starts another episode), and so is the last; without timeouts d4rl counts."""
+    if data["timeouts"] is not None:
+        keep = ~data["timeouts"][:-1].astype(bool)
+    else:
+        keep, episode_step = np.zeros(len(data["rewards"]) - 1, dtype=bool), 0
+        for i in range(len(keep)):
+            keep[i] = episode_step != max_episode_steps - 1
+            episode_step = 0 if not keep[i] or data["terminals"][i] else episode_step + 1
+    index = np.flatnonzero(keep)
+    return dict(observations=data["observations"][index], actions=data["actions"][index], rewards=data["rewards"][index],
+                next_observations=data["observations"][index + 1], terminals=data["terminals"][index].astype(bool))
 
 
-def episode_returns_d4rl(dataset: dict[str, np.ndarray]) -> np.ndarray:
-    """Returns of the trajectories as IQL's `split_into_trajectories` cuts them: a trajectory ends where
-    the next row does not continue it (obs[i+1] != next_obs[i]) or on a terminal, and at the last row."""
-    obs, next_obs = dataset["observations"], dataset["next_observations"]
-    ends = np.zeros(len(obs), dtype=bool)
-    ends[:-1] = (np.linalg.norm(obs[1:] - next_obs[:-1], axis=1) > 1e-6) | dataset["terminals"][:-1]
-    ends[-1] = True
-    episode_id = np.concatenate([[0], np.cumsum(ends[:-1])])
-    return np.bincount(episode_id, weights=dataset["rewards"].astype(np.float64))
+def episode_returns(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Episode returns, cut as IQL's `split_into_trajectories`: at obs[i+1] != next_obs[i], at terminals, at the end."""
+    obs, next_obs = data["observations"], data["next_observations"]
+    ends = np.append((np.abs(obs[1:] - next_obs[:-1]).max(1) > 1e-6) | data["terminals"][:-1], True)
+    return np.bincount(np.append(0, np.cumsum(ends[:-1])), weights=data["rewards"].astype(np.float64))
 
 
-def flatten_observations(space: gym.Space, observations) -> np.ndarray:
-    """(T, ...) observations (or a dict of them) -> (T, D), in the order `gym.spaces.flatten` uses,
-    so that the eval env's FlattenObservation wrapper produces the same layout."""
+def flatten(space: gym.Space, observations) -> np.ndarray:
+    """(T, ...) observations, or a dict of them, as (T, D) in gymnasium's FlattenObservation order (the eval env's)."""
     if isinstance(space, gym.spaces.Dict):
-        return np.concatenate([flatten_observations(space[k], observations[k]) for k in space.spaces], axis=1)
-    observations = np.asarray(observations)
-    return observations.reshape(len(observations), -1).astype(np.float32)
+        return np.concatenate([flatten(space[key], observations[key]) for key in space.spaces], axis=1)
+    return np.asarray(observations, dtype=np.float32).reshape(len(observations), -1)
 
 
-def load_minari(args: Args):
-    """A Minari dataset from the local store -> transitions, episode returns, eval env factory, ref scores."""
+def load_minari(args: Args) -> tuple[dict, object, tuple]:
+    """A Minari dataset from the local store -> all transitions (actions mapped into [-1, 1]), eval env, reference returns."""
     try:
         import minari
-    except ImportError:
-        raise fail(f"{args.env_id!r} looks like a Minari id but minari is not installed; "
-                   "pip install 'minari==0.5.4' pillow")
-    try:
         dataset = minari.load_dataset(args.env_id)
+    except ImportError:
+        raise SystemExit(f"{PROG}: {args.env_id!r} is a Minari id, but minari is missing: pip install minari==0.5.4 pillow.")
     except (FileNotFoundError, ValueError) as error:
-        root = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
-        raise fail(f"Minari dataset {args.env_id!r} not found in {root} ({error}); download it with "
-                   f"`minari download {args.env_id}` or check MINARI_DATASETS_PATH")
-    if not isinstance(dataset.action_space, gym.spaces.Box):
-        raise fail(f"{args.env_id}: action space {dataset.action_space} is not continuous (Box); "
-                   "X-QL's AWR actor needs continuous actions")
-    columns = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    returns = []
+        raise SystemExit(f"{PROG}: Minari dataset {args.env_id!r} not found ({error}); run `minari download {args.env_id}`.")
+    space = dataset.action_space
+    if not isinstance(space, gym.spaces.Box):
+        raise SystemExit(f"{PROG}: {args.env_id}: action space {space} is not continuous (Box); the AWR actor needs one.")
+    columns = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
     for episode in dataset.iterate_episodes():
-        obs = flatten_observations(dataset.observation_space, episode.observations)
-        steps = len(episode.rewards)
-        columns["observations"].append(obs[:steps])
-        columns["next_observations"].append(obs[1: steps + 1])
-        columns["actions"].append(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1))
-        columns["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
-        columns["terminals"].append(np.asarray(episode.terminations, dtype=bool))
-        returns.append(float(np.sum(episode.rewards)))
-    data = {k: np.concatenate(v) for k, v in columns.items()}
-    metadata = dataset.storage.metadata
-    ref = (metadata.get("ref_min_score"), metadata.get("ref_max_score"))
-
-    def make_eval_env():
-        if args.eval_env_id is not None:
-            return gym_make(args.eval_env_id)
-        return dataset.recover_environment(eval_env=True)
-
-    if args.eval_env_id is None and dataset.env_spec is None and getattr(dataset, "_eval_env_spec", None) is None:
-        make_eval_env = None  # the dataset records no environment: train, skip evaluation
-    return data, np.asarray(returns), make_eval_env, ref
+        obs = flatten(dataset.observation_space, episode.observations)
+        for key, value in zip(columns, (obs[:-1], episode.actions, episode.rewards, obs[1:], episode.terminations)):
+            columns[key].append(np.asarray(value, dtype=bool if key == "terminals" else np.float32).reshape(len(obs) - 1, -1))
+    data = {key: np.concatenate(value) for key, value in columns.items()}
+    data["rewards"], data["terminals"] = data["rewards"][:, 0], data["terminals"][:, 0]
+    data["actions"] = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
+    spec = args.eval_env_id or (dataset.recover_environment(eval_env=True).spec.to_json() if dataset.env_spec else None)
+    return data, spec, (dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score"))
 
 
-def load_dataset(args: Args, settings: dict):
-    """--env-id -> (transitions dict, eval-env factory or None, reason if None, (ref_min, ref_max))."""
-    domain = settings["domain"]
-    if "/" in args.env_id:
-        data, returns, make_eval_env, ref = load_minari(args)
-        no_eval_reason = None if make_eval_env else "the Minari dataset records no environment (pass --eval-env-id)"
-    elif args.env_id in D4RL_DATASETS:
-        info = D4RL_DATASETS[args.env_id]
-        data = qlearning_dataset(read_d4rl_hdf5(d4rl_file(args)), info["max_episode_steps"])
-        returns = episode_returns_d4rl(data)
-        ref = (info["ref_min"], info["ref_max"])
-        robot = args.env_id.split("-")[0]
-        eval_id = args.eval_env_id or D4RL_EVAL_ENVS.get(robot)
-        make_eval_env = (lambda: gym_make(eval_id)) if eval_id else None
-        no_eval_reason = None if eval_id else D4RL_NO_EVAL_REASON.get(robot, D4RL_NO_EVAL_REASON.get(domain))
+def load_dataset(args: Args) -> dict:
+    """The transitions of --env-id or --dataset-path, preprocessed, with their eval env (an id or spec, or None and
+    why), reference returns, episode returns, reward transform and state statistics."""
+    info = D4RL.get(args.env_id)
+    if "/" in args.env_id and not args.dataset_path:
+        data, spec, ref = load_minari(args)
+        reason = None if spec else "the Minari dataset records no environment (pass --eval-env-id)"
     else:
-        close = [k for k in D4RL_DATASETS if k.split("-")[0] == args.env_id.split("-")[0]][:6]
-        raise fail(f"unknown --env-id {args.env_id!r}: not a D4RL dataset name (e.g. "
-                   f"{', '.join(close or ['hopper-medium-v2', 'antmaze-umaze-v0', 'kitchen-partial-v0'])}) "
-                   "and not a Minari id (which contains '/', e.g. mujoco/hopper/medium-v0)")
+        path = args.dataset_path
+        if path is None:  # where d4rl itself keeps its downloads
+            folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
+            path = os.path.join(folder, os.path.basename(info["url"]))
+            if not os.path.isfile(path):
+                raise SystemExit(f"{PROG}: {path} (the file of {args.env_id}) not found; download it with `wget -P {folder} "
+                                 f"{info['url']}`, or pass --dataset-path.")
+        raw = read_hdf5(path)
+        data, robot = qlearning_dataset(raw, info["max_episode_steps"] if info else 0), args.env_id.split("-")[0]
+        spec = args.eval_env_id or (D4RL_EVAL_ENVS.get(robot) if info else raw["attrs"].get("env_id"))
+        ref, reason = info["ref"] if info else (None, None), "pass --eval-env-id to evaluate"
+        if info and not spec:
+            reason = f"D4RL's {robot} observations match no gymnasium env (use Minari's D4RL datasets, or --eval-env-id)"
     for key, value in data.items():
-        if value.dtype != bool and not np.all(np.isfinite(value)):
-            raise fail(f"{args.env_id}: dataset {key} contain NaN or inf values")
-    # Preprocessing as IQL / the authors (train_offline.py): actions clipped to +-(1 - 1e-5) so that
-    # their log-likelihood stays finite; antmaze reward - 1; halfcheetah/hopper/walker2d rewards scaled
-    # by 1000 / (max - min trajectory return) (the authors scale only these three); others unchanged.
-    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)
-    reward_scale, reward_shift = 1.0, 0.0
-    if domain == "antmaze":
-        reward_shift = -1.0
-    elif any(robot in args.env_id.lower() for robot in ("halfcheetah", "hopper", "walker2d")):
-        spread = float(returns.max() - returns.min())
-        reward_scale = 1000.0 / spread if spread > 0 else 1.0
-    data["rewards"] = data["rewards"] * reward_scale + reward_shift  # same transform for online data
-    data["masks"] = 1.0 - data.pop("terminals").astype(np.float32)
-    return data, make_eval_env, no_eval_reason, ref, (reward_scale, reward_shift)
+        if not np.isfinite(value.astype(np.float64)).all():
+            raise SystemExit(f"{PROG}: {args.env_id}: the dataset's {key} contain NaN or inf values.")
+    returns = episode_returns(data)
+    # The authors' (IQL's) preprocessing: halfcheetah/hopper/walker2d rewards x 1000 / (max - min return), antmaze - 1.
+    norm, name = args.reward_norm, args.env_id.lower()
+    if norm == "auto":
+        locomotion = (info or "/" in name) and any(robot in name for robot in D4RL_EVAL_ENVS)
+        norm = "antmaze" if (info or "/" in name) and "antmaze" in name else "returns" if locomotion else "none"
+    data["reward_scale"] = 1000.0 / max(returns.max() - returns.min(), 1e-8) if norm == "returns" else 1.0
+    data["reward_shift"] = -1.0 if norm == "antmaze" else 0.0  # online rewards get the same transform
+    data["rewards"] = data["rewards"] * data["reward_scale"] + data["reward_shift"]
+    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # a finite log-likelihood for the AWR actor (IQL)
+    mean, std = (data["observations"].mean(0), data["observations"].std(0) + 1e-3) if args.normalize_states else (0.0, 1.0)
+    for key in ("observations", "next_observations"):
+        data[key] = (data[key] - mean) / std
+    ref = tuple(mine if mine is not None else theirs for mine, theirs in zip((args.ref_min_score, args.ref_max_score), ref))
+    return data | dict(obs_mean=mean, obs_std=std, env_spec=spec, ref=ref, returns=returns,
+                       no_eval_reason=None if spec else reason)
 
 
-def gym_make(env_id: str) -> gym.Env:
-    """gym.make, registering gymnasium-robotics (AntMaze, FrankaKitchen, Adroit) when the id needs it."""
+def make_env(env_spec, seed: int, obs_mean: np.ndarray | float = 0.0, obs_std: np.ndarray | float = 1.0) -> gym.Env:
+    """An env of an id (or a Minari dataset's JSON spec), with the dataset's observation layout and statistics and actions
+    in [-1, 1]; seeded once."""
+    warnings.filterwarnings("ignore", ".*is out of date", DeprecationWarning)  # v4: the D4RL layout, on purpose
+    env_spec = gym.envs.registration.EnvSpec.from_json(env_spec) if env_spec.startswith("{") else env_spec
     try:
-        return gym.make(env_id)
-    except gym.error.Error:
-        try:
-            import gymnasium_robotics
-        except ImportError:
-            raise
+        env = gym.make(env_spec)
+    except gym.error.Error:  # AntMaze, FrankaKitchen and Adroit ids live in gymnasium-robotics
+        import gymnasium_robotics
         gym.register_envs(gymnasium_robotics)
-        return gym.make(env_id)
-
-
-def make_eval_env(factory, seed: int):
-    """The eval env, with dict observations flattened like the dataset's."""
-    env = factory()
+        env = gym.make(env_spec)
     if isinstance(env.observation_space, gym.spaces.Dict):
         env = gym.wrappers.FlattenObservation(env)
+    space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
+    env = gym.wrappers.TransformObservation(env, lambda obs: ((obs - obs_mean) / obs_std).astype(np.float32), space)
+    env = gym.wrappers.RecordEpisodeStatistics(gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1)))
     env.action_space.seed(seed)
+    env.reset(seed=seed)
     return env
 
 
-# ----------------------------------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------------------------------
-def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float) -> torch.Tensor:
-    """Gumbel regression loss (Eq. 7 / Eq. 11), in the numerically stable form of Appendix D.3.
+@torch.no_grad()
+def evaluate(policy, env: gym.Env, episodes: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Returns and lengths of deterministic episodes of `policy` (observations -> actions in [-1, 1]). The env is
+    not reseeded, so each evaluation sees new start states from the env's own random stream."""
+    returns, lengths = np.zeros(episodes), np.zeros(episodes, dtype=int)
+    for episode in range(episodes):
+        obs, done = env.reset()[0], False
+        while not done:
+            action = policy(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            returns[episode] += reward
+            lengths[episode] += 1
+            done = terminated or truncated
+    return returns, lengths
 
-    With z = (target - pred) / beta the loss is mean(e^z - z - 1) (Eq. 7); its minimiser over a
-    constant pred is beta * log mean exp(target / beta) (Lemma 3.2), the soft maximum of the targets.
 
-    Stabilisation (App. D.3): z is clipped from above at `clip`, and e^{max z} (detached, floored
-    at -1) is factored out, i.e. the returned value is mean(e^{z - m} - z e^{-m} - e^{-m}) with
-    m = max(max z, -1). This is the plain loss times e^{-m}: same minimiser, same gradient signs,
-    gradients rescaled per batch.
-    Deviation from the paper's snippet: it clamps z to [-clip, clip]; we clip only from above, as
-    the authors' code does, so a prediction far above its target still gets a gradient (the
-    linear branch cannot overflow). The max is floored with `clamp`, not with a CPU tensor in
-    `torch.where`, so there is no host-device copy and no device mismatch on CUDA.
-    """
+def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float, clip_mode: str) -> torch.Tensor:
+    """Gumbel regression (Eq. 7, 9, 11) in the stable form of App. D.3; minimised by beta log mean exp(target / beta).
+    z = (target - pred) / beta is clipped (`both`: to [-clip, clip]; `upper`: from above only), then e^m with
+    m = max(max z, -1), detached, is factored out: e^{z-m} - z e^{-m} - e^{-m} is e^{-m} (e^z - z - 1), so the
+    minimiser and the gradient signs are those of Eq. 7 and the gradient is rescaled per batch."""
     z = (target - pred) / beta
-    z = torch.clamp(z, max=clip)
-    max_z = torch.clamp(z.max(), min=-1.0).detach()
+    z = z.clamp(-clip, clip) if clip_mode == "both" else z.clamp(max=clip)
+    max_z = z.max().clamp(min=-1.0).detach()
     return (torch.exp(z - max_z) - z * torch.exp(-max_z) - torch.exp(-max_z)).mean()
 
 
-def expectile_loss(pred: torch.Tensor, target: torch.Tensor, expectile: float) -> torch.Tensor:
-    """IQL's asymmetric squared loss |tau - 1(target < pred)| (target - pred)^2 (the baseline arm)."""
-    diff = target - pred
-    weight = torch.where(diff > 0, expectile, 1.0 - expectile)
-    return (weight * diff.square()).mean()
+def taylor_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, order: int) -> torch.Tensor:
+    """MXQL (Omura et al., RLC 2024): e^z - z - 1 = sum_{n>=2} z^n / n! truncated at an even `order`, unclipped as in
+    their online code. Order 2 is the MSE (minimiser: the mean); higher orders move toward the log-sum-exp."""
+    z = (target - pred) / beta
+    return sum(z**n / math.factorial(n) for n in range(2, order + 1)).mean()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Networks (orthogonal init with gain sqrt(2) and zero biases, as IQL's `default_init`)
-# ----------------------------------------------------------------------------------------------------
-def orthogonal_linear(in_dim: int, out_dim: int, gain: float = math.sqrt(2)) -> nn.Linear:
-    layer = nn.Linear(in_dim, out_dim)
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
+def clip_fraction(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float, clip_mode: str) -> torch.Tensor:
+    """Share of samples whose z = (target - pred) / beta hits the clip: the first thing to read when beta is wrong."""
+    z = (target - pred).detach() / beta
+    return ((z > clip) | ((z < -clip) & (clip_mode == "both"))).float().mean()
 
 
-class TwinCritic(nn.Module):
-    """Both Q networks of the double-Q trick as one batched network: weights stacked on a leading
-    dim of 2 and applied with one `baddbmm` per layer (issue 6), output (2, batch)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_critics: int = 2):
-        super().__init__()
-        dims = [obs_dim + act_dim, hidden_dim, hidden_dim, 1]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for in_dim, out_dim in zip(dims[:-1], dims[1:]):
-            weight = torch.empty(num_critics, in_dim, out_dim)
-            for w in weight:
-                nn.init.orthogonal_(w, math.sqrt(2))
-            self.weights.append(nn.Parameter(weight))
-            self.biases.append(nn.Parameter(torch.zeros(num_critics, 1, out_dim)))
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, actions], -1)
-        x = x.unsqueeze(0).expand(self.weights[0].shape[0], *x.shape)
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(bias, x, weight)
-            if i < len(self.weights) - 1:
-                x = F.relu(x)
-        return x.squeeze(-1)
+Batch = NamedTuple("Batch", [(name, torch.Tensor) for name in ("obs", "actions", "rewards", "next_obs", "terminated")])
 
 
-class ValueNetwork(nn.Module):
-    """V(s): LayerNorm before each hidden activation (App. D.4, authors' `layernorm=True`), optional dropout."""
+class ReplayBuffer:
+    """A circular buffer of preallocated tensors on the device; batches are drawn on the device. `terminated`
+    (a true end: no bootstrap) and `truncated` (a time limit: bootstrap) are kept apart; updates read only the first."""
 
-    def __init__(self, obs_dim: int, hidden_dim: int, dropout: float):
-        super().__init__()
-        self.fc1, self.fc2 = orthogonal_linear(obs_dim, hidden_dim), orthogonal_linear(hidden_dim, hidden_dim)
-        self.ln1, self.ln2 = nn.LayerNorm(hidden_dim, eps=1e-6), nn.LayerNorm(hidden_dim, eps=1e-6)  # flax eps
-        self.out = orthogonal_linear(hidden_dim, 1)
-        self.dropout = dropout
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
+        self.capacity, self.device, self.ptr, self.size = capacity, device, 0, 0
+        self.obs = torch.zeros((capacity, obs_dim), device=device)
+        self.next_obs = torch.zeros((capacity, obs_dim), device=device)
+        self.actions = torch.zeros((capacity, action_dim), device=device)
+        self.rewards, self.terminated, self.truncated = (torch.zeros(capacity, device=device) for _ in range(3))
 
-    def forward(self, obs: torch.Tensor, train: bool = False) -> torch.Tensor:
-        x = F.dropout(F.relu(self.ln1(self.fc1(obs))), self.dropout, train)
-        x = F.dropout(F.relu(self.ln2(self.fc2(x))), self.dropout, train)
-        return self.out(x).squeeze(-1)
+    def add(self, obs, actions, rewards, next_obs, terminated, truncated) -> None:
+        """Append n transitions (arrays with a leading dimension n), overwriting the oldest once full."""
+        index = (self.ptr + torch.arange(len(rewards), device=self.device)) % self.capacity
+        for store, value in zip((self.obs, self.actions, self.rewards, self.next_obs, self.terminated, self.truncated),
+                                (obs, actions, rewards, next_obs, terminated, truncated)):
+            store[index] = torch.as_tensor(np.asarray(value, dtype=np.float32), device=self.device)
+        self.ptr, self.size = (self.ptr + len(rewards)) % self.capacity, min(self.size + len(rewards), self.capacity)
+
+    def sample(self, batch_size: int) -> Batch:
+        i = torch.randint(0, self.size, (batch_size,), device=self.device)
+        return Batch(self.obs[i], self.actions[i], self.rewards[i], self.next_obs[i], self.terminated[i])
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layer_norm: bool = False, dropout: float = 0.0) -> nn.Sequential:
+    """Two ReLU hidden layers, optionally LayerNorm before and dropout after each ReLU (the authors' MLP); orthogonal
+    weights with gain sqrt(2), zero biases (IQL's `default_init`, which they use)."""
+    layers = []
+    for n_in in (in_dim, hidden_dim):
+        layers += [nn.Linear(n_in, hidden_dim), *[nn.LayerNorm(hidden_dim, eps=1e-6)][:layer_norm], nn.ReLU()]
+        layers += [nn.Dropout(dropout)] if dropout else []
+    net = nn.Sequential(*layers, nn.Linear(hidden_dim, out_dim))
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight, math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+    return net
 
 
 class Actor(nn.Module):
-    """Gaussian policy with mean tanh(mu(s)) and a state-independent log std clipped to [-5, 2]
-    (IQL's NormalTanhPolicy with tanh_squash_distribution=False); dropout in the hidden layers."""
+    """IQL's policy: a Gaussian with mean tanh(mu(s)), not squashed, and a state-independent log-std in [-5, 2]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, dropout: float):
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
-        self.fc1, self.fc2 = orthogonal_linear(obs_dim, hidden_dim), orthogonal_linear(hidden_dim, hidden_dim)
-        self.mean = orthogonal_linear(hidden_dim, act_dim)
-        self.log_std = nn.Parameter(torch.zeros(act_dim))
-        self.dropout = dropout
+        self.net = mlp(obs_dim, args.hidden_dim, action_dim, dropout=args.actor_dropout)
+        self.log_std = nn.Parameter(torch.zeros(action_dim))
 
-    def forward(self, obs: torch.Tensor, train: bool = False) -> torch.Tensor:
-        x = F.dropout(F.relu(self.fc1(obs)), self.dropout, train)
-        x = F.dropout(F.relu(self.fc2(x)), self.dropout, train)
-        return torch.tanh(self.mean(x))
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """The mean: the deterministic action of evaluations."""
+        return torch.tanh(self.net(obs))
 
     def explore(self, obs: torch.Tensor) -> torch.Tensor:
-        """A sample of the Gaussian (temperature 1), clipped to [-1, 1]: online exploration (authors)."""
-        mean = self(obs)
-        return (mean + self.log_std.clamp(-5.0, 2.0).exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)
+        """A sample clipped to [-1, 1]: fine-tuning's exploration (the authors' and IQL's)."""
+        return torch.distributions.Normal(self(obs), self.log_std.clamp(-5.0, 2.0).exp()).sample().clamp(-1.0, 1.0)
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        mean = self(obs, train=True)
-        log_std = self.log_std.clamp(-5.0, 2.0)
-        return (-0.5 * ((actions - mean) / log_std.exp()).square() - log_std
-                - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return torch.distributions.Normal(self(obs), self.log_std.clamp(-5.0, 2.0).exp()).log_prob(actions).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
-def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam with the fused kernel where this torch supports it on the device, else foreach. The lr is a
-    tensor so that the cosine schedule changes it in place (no recompilation under --compile)."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=torch.tensor(lr, device=device), fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=torch.tensor(lr, device=device), foreach=True, capturable=True)
+class TwinCritic(nn.Module):
+    """`num_critics` independent Q(s, a) MLPs (2: clipped double-Q) -> Q of shape (num_critics, batch). Plain MLPs, as a
+    stacked-weight `baddbmm` network ran at 0.78-0.94x their speed here (2-core CPU; forward, backward, Adam)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int, num_critics: int = 2):
+        super().__init__()
+        self.nets = nn.ModuleList(mlp(obs_dim + action_dim, hidden_dim, 1) for _ in range(num_critics))
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, actions], dim=-1)
+        return torch.stack([net(x).squeeze(-1) for net in self.nets])
+
+
+class Value(nn.Module):
+    """V(s); X-QL puts LayerNorm before each ReLU (App. D.4: the authors do on every domain), IQL does not."""
+
+    def __init__(self, obs_dim: int, args: Args):
+        super().__init__()
+        self.net = mlp(obs_dim, args.hidden_dim, 1, layer_norm=args.value_loss != "expectile", dropout=args.value_dropout)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
 
 
 class Agent(nn.Module):
-    """All networks of one run (one state_dict for the checkpoint)."""
+    """Every learned tensor in one module: its state_dict is the checkpoint and the NaN-stop snapshot."""
 
-    def __init__(self, obs_dim: int, act_dim: int, settings: dict, hidden_dim: int):
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
-        self.actor = Actor(obs_dim, act_dim, hidden_dim, settings["actor_dropout"])
-        self.critic = TwinCritic(obs_dim, act_dim, hidden_dim)
-        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.value = ValueNetwork(obs_dim, hidden_dim, settings["value_dropout"])
+        self.actor, self.value = Actor(obs_dim, action_dim, args), Value(obs_dim, args)
+        self.critic = TwinCritic(obs_dim, action_dim, args.hidden_dim)
+        self.critic_target = TwinCritic(obs_dim, action_dim, args.hidden_dim).requires_grad_(False)
+        self.critic_target.load_state_dict(self.critic.state_dict())
 
 
-def make_update_fn(agent: Agent, optimizers: dict, settings: dict, args: Args, compile_mode: Optional[str] = None):
-    """One gradient step of X-QL (or IQL) on a batch; returns detached statistics, never syncs the host.
-
-    Order as the authors' `_update_jit` (and IQL): V (Eq. 11, toward the min of the twin TARGET Q at
-    dataset actions), then the actor (Eq. 12, advantage from the target Q and the updated V), then Q
-    (Eq. 14, toward r + gamma * mask * V_updated(s')), then the Polyak step of the target critic.
-    Actor and Q losses share one backward pass (their parameters are disjoint, their targets detached).
-    With `compile_mode` the three loss functions are torch.compile'd (forward and backward graphs);
-    backward calls and the fused optimiser steps stay outside, where Dynamo would break the graph."""
-    beta, clip, expectile = settings["beta"], settings["loss_clip"], settings["expectile"]
-    awr_temperature, num_v_updates = settings["awr_temperature"], settings["num_v_updates"]
-    use_gumbel = args.value_loss == "gumbel"
-    critic_params = list(agent.critic.parameters())
-    target_params = list(agent.target_critic.parameters())
-
-    def target_q_fn(obs, actions):
-        with torch.no_grad():
-            return agent.target_critic(obs, actions).min(0).values  # double-Q: min of the twin targets
-
-    def value_loss_fn(obs, target_q):
-        v = agent.value(obs, train=True)
-        if use_gumbel:
-            v_loss = gumbel_loss(v, target_q, beta, clip)  # Eq. 11, stable form of App. D.3
-        else:
-            v_loss = expectile_loss(v, target_q, expectile)  # IQL baseline
-        return v_loss, v.detach().mean()
-
-    def actor_critic_loss_fn(obs, actions, rewards, masks, next_obs, target_q):
-        with torch.no_grad():  # updated V at s and s' in one pass; reused by actor and Q targets
-            v_both = agent.value(torch.cat([obs, next_obs]))
-            v_obs, v_next = v_both[: obs.shape[0]], v_both[obs.shape[0]:]
-            advantage = target_q - v_obs
-            # Eq. 12: AWR weights; the temperature multiplies the advantage (authors/IQL), capped at 100.
-            weights = torch.exp(advantage * awr_temperature).clamp(max=args.max_exp_advantage)
-            q_target = rewards + args.gamma * masks * v_next  # Eq. 14 target
-        actor_loss = -(weights * agent.actor.log_prob(obs, actions)).mean()  # Eq. 12
-        q = agent.critic(obs, actions)
-        q_loss = (q - q_target).square().mean(1).sum()  # Eq. 14, summed over the twins (IQL)
-        return actor_loss + q_loss, actor_loss.detach(), q_loss.detach(), q.detach().mean(), advantage.mean()
-
-    if compile_mode is not None:
-        mode = None if compile_mode == "default" else compile_mode
-        target_q_fn = torch.compile(target_q_fn, mode=mode)
-        value_loss_fn = torch.compile(value_loss_fn, mode=mode)
-        actor_critic_loss_fn = torch.compile(actor_critic_loss_fn, mode=mode)
-
-    def update(obs, actions, rewards, masks, next_obs):
-        target_q = target_q_fn(obs, actions)
-        for _ in range(num_v_updates):  # Table 4 "v_updates", on the same batch (as the authors)
-            v_loss, v_mean = value_loss_fn(obs, target_q)
-            optimizers["value"].zero_grad(set_to_none=True)
-            v_loss.backward()
-            optimizers["value"].step()
-        total, actor_loss, q_loss, q_mean, advantage = actor_critic_loss_fn(obs, actions, rewards, masks,
-                                                                             next_obs, target_q)
-        optimizers["actor"].zero_grad(set_to_none=True)
-        optimizers["critic"].zero_grad(set_to_none=True)
-        total.backward()
-        optimizers["actor"].step()
-        optimizers["critic"].step()
-        with torch.no_grad():
-            torch._foreach_lerp_(target_params, critic_params, args.tau)  # Polyak, one fused call
-        return torch.stack([v_loss.detach(), q_loss, actor_loss, v_mean, q_mean, advantage])
-
-    return update
+LOSS_TAGS = ("losses/v_loss", "losses/q_loss", "losses/actor_loss", "values/v", "values/q", "values/advantage",
+             "values/clip_fraction")
 
 
-STAT_NAMES = ["losses/v_loss", "losses/q_loss", "losses/actor_loss", "values/v", "values/q", "values/advantage"]
+def update(agent: Agent, optimizers: dict, batch: Batch, args: Args) -> torch.Tensor:
+    """One gradient step in IQL's order: V, the actor, Q, the target critics. Returns the LOSS_TAGS values, detached."""
+    with torch.no_grad():  # V's target: the min of the twin target critics at the dataset actions (Eq. 11, IQL)
+        q_data = agent.critic_target(batch.obs, batch.actions).min(dim=0).values
+        v_obs, v_target = batch.obs, q_data
+        if args.noise or args.sample_random_times:  # the authors' V-fitting augmentations (offline/critic.py `update_v`)
+            v_actions, times = batch.actions, args.sample_random_times
+            if args.noise:  # N(0, 0.1) clipped to +-0.5 on the dataset actions
+                v_actions = (v_actions + (0.1 * torch.randn_like(v_actions)).clamp(-0.5, 0.5)).clamp(-1.0, 1.0)
+            if times:  # and `times` uniform actions per state (their code fails with both on: a shape error)
+                v_obs = torch.cat([batch.obs, batch.obs.repeat_interleave(times, 0)])
+                uniform = torch.rand(len(batch.obs) * times, v_actions.shape[1], device=v_obs.device) * 2 - 1
+                v_actions = torch.cat([v_actions, uniform])
+            v_target = agent.critic_target(v_obs, v_actions).min(dim=0).values
+    for _ in range(args.num_v_updates):  # Table 4 "v_updates", on the same batch (the authors' code)
+        v = agent.value(v_obs)
+        if args.value_loss == "gumbel":  # X-QL: the one change from IQL. Eq. 11 fits V = beta log E_data[e^{Q/beta}]
+            v_loss = gumbel_loss(v, v_target, args.beta, args.loss_clip, args.clip_mode)
+        elif args.value_loss == "taylor":  # MXQL: the same target, the Maclaurin-expanded loss
+            v_loss = taylor_loss(v, v_target, args.beta, args.taylor_order)
+        else:  # IQL: the expectile loss |tau - 1(Q < V)| (Q - V)^2, an upper expectile of Q
+            v_loss = (torch.where(v_target > v, args.expectile, 1 - args.expectile) * (v_target - v).square()).mean()
+        optimizers["value"].zero_grad()
+        v_loss.backward()
+        optimizers["value"].step()
+
+    with torch.no_grad():  # the updated V at s and s' in one pass, for the actor's advantage and Q's target
+        v_now, v_next = agent.value(torch.cat([batch.obs, batch.next_obs])).chunk(2)
+        advantage = q_data - v_now
+        weights = torch.exp(advantage * args.awr_temperature).clamp(max=args.max_exp_advantage)  # Eq. 12, capped
+        target_q = batch.rewards + args.gamma * (1.0 - batch.terminated) * v_next  # Eq. 14's target
+    actor_loss = -(weights * agent.actor.log_prob(batch.obs, batch.actions)).mean()  # Eq. 12: AWR
+    q = agent.critic(batch.obs, batch.actions)
+    q_loss = (q - target_q).pow(2).mean(dim=1).sum()  # Eq. 14, summed over the twin critics (IQL)
+    optimizers["actor"].zero_grad()
+    optimizers["critic"].zero_grad()
+    (actor_loss + q_loss).backward()  # disjoint parameters, detached targets: one backward serves both
+    optimizers["actor"].step()
+    optimizers["critic"].step()
+    with torch.no_grad():  # Polyak averaging of the target critics
+        for target_param, param in zip(agent.critic_target.parameters(), agent.critic.parameters()):
+            target_param.lerp_(param, args.tau)
+    fraction = clip_fraction(v, v_target, args.beta, args.loss_clip, args.clip_mode)
+    return torch.stack([v_loss, q_loss, actor_loss, v.mean(), q.mean(), advantage.mean(), fraction]).detach()
 
 
-class DeviceDataset:
-    """All transitions in one (capacity, D) tensor on the device; a batch is one gather at indices drawn
-    with torch.randint on the device (no host round trip). With `extra_capacity` it is also the replay
-    buffer of the online phase: the dataset first, online transitions appended (never overwritten)."""
-
-    def __init__(self, data: dict[str, np.ndarray], device: torch.device, extra_capacity: int = 0):
-        self.obs_dim, self.act_dim = data["observations"].shape[1], data["actions"].shape[1]
-        packed = np.concatenate([data["observations"], data["actions"], data["rewards"][:, None],
-                                 data["masks"][:, None], data["next_observations"]], axis=1)
-        self.storage = torch.zeros(len(packed) + extra_capacity, packed.shape[1], device=device)
-        self.storage[: len(packed)] = torch.as_tensor(packed, dtype=torch.float32)
-        self.size = self.dataset_size = len(packed)
-        self.splits = [self.obs_dim, self.act_dim, 1, 1, self.obs_dim]
-
-    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, mask: float, next_obs: np.ndarray) -> None:
-        row = np.concatenate([obs, action, [reward, mask], next_obs]).astype(np.float32)
-        self.storage[self.size] = torch.as_tensor(row).to(self.storage.device, non_blocking=True)
-        self.size += 1
-
-    def sample(self, batch_size: int):
-        index = torch.randint(self.size, (batch_size,), device=self.storage.device)
-        obs, actions, rewards, masks, next_obs = self.storage[index].split(self.splits, dim=1)
-        return obs, actions, rewards.squeeze(1), masks.squeeze(1), next_obs
+def log_progress(writer: SummaryWriter, values: dict, step: int, total: int, sps: float, last_eval: str) -> None:
+    """TensorBoard scalars and the console line `step N/M | SPS … | <losses> | last eval … | ETA h:mm:ss`."""
+    for tag, value in {**values, "charts/SPS": sps}.items():
+        writer.add_scalar(tag, value, step)
+    losses = " | ".join(f"{tag[7:]} {value:.4g}" for tag, value in values.items() if tag.startswith("losses/"))
+    eta = datetime.timedelta(seconds=round((total - step) / sps))
+    print(f"step {step}/{total} | SPS {sps:.0f} | {losses} | last eval {last_eval} | ETA {eta}")
 
 
-def evaluate(actor_fn, env, episodes: int, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray,
-             device: torch.device) -> np.ndarray:
-    """Undiscounted returns of the deterministic policy: the mean tanh(mu(s)), clipped to [-1, 1] (IQL)."""
-    returns = []
-    obs, _ = env.reset(seed=seed)
-    for _ in range(episodes):
-        done, total = False, 0.0
-        while not done:
-            state = torch.as_tensor((np.asarray(obs, dtype=np.float32) - obs_mean) / obs_std, device=device)
-            with torch.no_grad():
-                action = actor_fn(state.unsqueeze(0))[0].clamp(-1.0, 1.0).cpu().numpy()
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-        obs, _ = env.reset()
-    return np.asarray(returns)
+def save_checkpoint(path: str, **contents) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    torch.save(contents, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
-def normalized_score(episode_return: float, ref) -> Optional[float]:
-    """D4RL's normalised score 100 (R - min) / (max - min); None without reference scores."""
-    if ref[0] is None or ref[1] is None:
-        return None
-    return 100.0 * (episode_return - ref[0]) / (ref[1] - ref[0])
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def run_eval_only(args: Args) -> dict:
-    """--eval-only --checkpoint PATH: rebuild the actor from the checkpoint and evaluate it."""
-    if args.checkpoint is None or not os.path.isfile(args.checkpoint):
-        raise fail(f"--eval-only needs --checkpoint PATH of an existing file (got {args.checkpoint!r})")
+def load_checkpoint(path: str | None) -> dict:
+    """A checkpoint written by this script, loaded on the CPU, or a one-line error."""
     try:
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        saved, settings = ckpt["args"], ckpt["settings"]
-    except Exception as error:  # noqa: BLE001 (not a checkpoint: one line for the user)
-        raise fail(f"--checkpoint {args.checkpoint}: not a checkpoint of this script ({error})")
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    eval_id = args.eval_env_id or ckpt.get("eval_env_id")
-    if args.eval_env_id is None and "/" in saved["env_id"]:  # the Minari dataset's recorded eval env
-        _, _, factory, _ = load_minari(Args(**saved))
-    elif eval_id is None:
-        raise fail(f"no eval env is known for {saved['env_id']}; pass --eval-env-id")
-    else:
-        factory = lambda: gym_make(eval_id)  # noqa: E731
-    if factory is None:
-        raise fail(f"no eval env is known for {saved['env_id']}; pass --eval-env-id")
-    env = make_eval_env(factory, args.seed)
-    actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], saved["hidden_dim"], settings["actor_dropout"]).to(device)
-    actor.load_state_dict({k[len("actor."):]: v for k, v in ckpt["agent"].items() if k.startswith("actor.")})
-    episodes = args.eval_episodes or settings["eval_episodes"]
-    returns = evaluate(actor, env, episodes, args.seed, ckpt["obs_mean"], ckpt["obs_std"], device)
-    score = normalized_score(float(returns.mean()), ckpt["ref_scores"])
-    print(f"xql_offline: {args.checkpoint} (step {ckpt['step']}) on {eval_id or 'the dataset eval env'}: "
-          f"return {returns.mean():.1f} +- {returns.std():.1f} over {episodes} episodes"
-          + (f", normalised score {score:.1f}" if score is not None else ""), flush=True)
-    return dict(returns=returns.tolist(), normalized_score=score)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        assert {"agent", "args", "step"} <= set(checkpoint)
+    except Exception as error:  # noqa: BLE001 - a missing, truncated or foreign file is the same user mistake
+        raise SystemExit(f"{PROG}: {path} is not a checkpoint of {PROG} --save-model ({type(error).__name__}).")
+    return checkpoint
+
+
+def snapshot(agent: nn.Module, args, step: int, values: dict) -> dict:
+    """The parameters at a log interval whose losses were all finite: what a NaN stop saves."""
+    state = {key: value.clone() for key, value in agent.state_dict().items()}
+    return {"agent": state, "args": dataclasses.asdict(args), "step": step, "values": values}
+
+
+def stop_on_nonfinite(run_dir: str, step: int, last_finite: dict) -> None:
+    """App. D.6: X- variants occasionally blow up on outliers. Stop rather than train on NaN, keeping the
+    parameters of the last log interval whose losses were all finite."""
+    path = os.path.join(run_dir, "last_finite_checkpoint.pt")
+    save_checkpoint(path, agent=last_finite["agent"], args=last_finite["args"], step=last_finite["step"])
+    values = ", ".join(f"{tag.split('/')[1]}={value:.4g}" for tag, value in last_finite["values"].items()) or "none yet"
+    raise SystemExit(f"{PROG}: a loss became NaN/inf at step {step}; last finite values (step {last_finite['step']}): "
+                     f"{values}; parameters of step {last_finite['step']} saved to {path}. "
+                     "Try a larger --beta or a smaller --loss-clip (App. D.6).")
+
+
+def normalized_score(episode_return: float, ref: tuple) -> float | None:
+    """D4RL's normalised score 100 (R - random) / (expert - random); None without reference returns."""
+    return None if None in ref else 100.0 * (episode_return - ref[0]) / (ref[1] - ref[0])
+
+
+def evaluate_checkpoint(args: Args) -> dict:
+    """--eval-only: rebuild the agent of --checkpoint and run deterministic episodes on its eval env."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    trained, spec = Args(**checkpoint["args"]), args.eval_env_id or checkpoint["env_spec"]
+    if spec is None:
+        raise SystemExit(f"{PROG}: no eval env is known for {trained.env_id}; pass --eval-env-id.")
+    env = make_env(spec, args.seed + 10_000, checkpoint["obs_mean"], checkpoint["obs_std"])
+    agent = Agent(env.observation_space.shape[0], env.action_space.shape[0], trained).eval()
+    agent.load_state_dict(checkpoint["agent"])
+    returns, _ = evaluate(agent.actor, env, args.eval_episodes or trained.eval_episodes, torch.device("cpu"))
+    score = normalized_score(returns.mean(), checkpoint["ref"])
+    print(f"{PROG}: {args.checkpoint} (step {checkpoint['step']}) on {env.spec.id}: return {returns.mean():.2f} +- "
+          f"{returns.std():.2f} over {len(returns)} episodes" + ("" if score is None else f", normalised score {score:.1f}"))
+    return {"returns": returns.tolist(), "normalized_score": score}
+
+
+def make_eval_env(args: Args, data: dict, resume: dict | None) -> gym.Env | None:
+    """The eval env (None if the data has none), checked against the data (the last user errors); prints the settings."""
+    n, obs_dim, action_dim = len(data["rewards"]), data["observations"].shape[1], data["actions"].shape[1]
+    try:
+        eval_env = data["env_spec"] and make_env(data["env_spec"], args.seed + 10_000, data["obs_mean"], data["obs_std"])
+    except Exception as error:  # noqa: BLE001 - an unregistered id or a missing package: the user's to fix
+        raise SystemExit(f"{PROG}: cannot make the eval env {data['env_spec']}: {error}; pass another --eval-env-id.")
+    dims = (eval_env.observation_space.shape[0], eval_env.action_space.shape[0]) if eval_env else (obs_dim, action_dim)
+    for broken, message in [
+        (args.batch_size > n, f"--batch-size {args.batch_size} is larger than the dataset ({n} transitions)"),
+        (dims != (obs_dim, action_dim), f"the dataset's observations/actions are {obs_dim}/{action_dim}-d but the eval "
+         f"env {eval_env and eval_env.spec.id} has {dims[0]}/{dims[1]}-d; pass a matching --eval-env-id"),
+        (args.online_steps and not eval_env, f"--online-steps needs an environment: {data['no_eval_reason']}"),
+        (resume and resume["args"]["env_id"] != args.env_id, f"--resume {args.resume} was trained on another dataset"),
+    ]:
+        if broken:
+            raise SystemExit(f"{PROG}: {message}.")
+    keys = ("value_loss", "beta", "loss_clip", "batch_size", "num_v_updates", "awr_temperature", "expectile")
+    settings = ", ".join(f"{key}={getattr(args, key)}" for key in keys + ("cosine_actor_lr",))
+    print(f"{PROG}: {args.env_id}, {n} transitions, rewards x {data['reward_scale']:.4g} + {data['reward_shift']:g}, "
+          f"eval env {eval_env and eval_env.spec.id}, {settings}")
+    if eval_env is None or None in data["ref"]:  # said once
+        print(f"{PROG}: evaluation skipped: {data['no_eval_reason']}" if eval_env is None else f"{PROG}: no reference returns")
+    return eval_env
 
 
 def main(args: Args) -> dict:
+    """Train offline (then fine-tune with --online-steps), or with --eval-only evaluate a checkpoint; returns the results."""
+    args = resolve_args(args)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach log files as they are printed
     if args.eval_only:
-        return run_eval_only(args)
-    settings = resolve_settings(args)
-    validate(args, settings)
-    if args.online_steps < 0:
-        raise fail(f"--online-steps must be >= 0 (got {args.online_steps})")
-    resume = None
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            raise fail(f"--resume {args.resume!r} does not exist")
-        try:
-            resume = torch.load(args.resume, map_location="cpu", weights_only=False)
-        except Exception as error:  # noqa: BLE001 (not a checkpoint: one line for the user)
-            raise fail(f"--resume {args.resume}: not a checkpoint of this script ({error})")
-        if resume["args"]["env_id"] != args.env_id:
-            raise fail(f"--resume {args.resume} was trained on {resume['args']['env_id']}, not {args.env_id}")
+        return evaluate_checkpoint(args)
+    resume = load_checkpoint(args.resume) if args.resume else None
+    data = load_dataset(args)
+    eval_env, ref = make_eval_env(args, data, resume), data["ref"]
+    n, obs_dim, action_dim = len(data["rewards"]), data["observations"].shape[1], data["actions"].shape[1]
 
-    # Everything that can be wrong with the user's input is checked before the run folder exists.
-    data, eval_env_factory, no_eval_reason, ref_scores, reward_transform = load_dataset(args, settings)
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    if settings["batch_size"] > len(data["rewards"]):
-        raise fail(f"--batch-size {settings['batch_size']} is larger than the dataset "
-                   f"({len(data['rewards'])} transitions)")
-    eval_env = None
-    if eval_env_factory is not None:
-        try:
-            eval_env = make_eval_env(eval_env_factory, args.seed)
-        except Exception as error:  # noqa: BLE001 (unregistered env, missing package: one line for the user)
-            raise fail(f"cannot build the eval env for {args.env_id}: {error}; pass --eval-env-id")
-        if not isinstance(eval_env.action_space, gym.spaces.Box):
-            raise fail(f"eval env action space {eval_env.action_space} is not continuous (Box)")
-        env_obs_dim = int(np.prod(eval_env.observation_space.shape))
-        if env_obs_dim != obs_dim or eval_env.action_space.shape != (act_dim,):
-            raise fail(f"dataset observations/actions are {obs_dim}/{act_dim}-d but the eval env "
-                       f"{eval_env.spec.id if eval_env.spec else ''} has {env_obs_dim}/"
-                       f"{eval_env.action_space.shape[0]}-d; pass a matching --eval-env-id")
-    if args.online_steps > 0 and eval_env is None:
-        raise fail(f"--online-steps needs an environment to interact with and {args.env_id} has none "
-                   f"({no_eval_reason})")
-    if resume is not None and (resume["obs_dim"], resume["act_dim"]) != (obs_dim, act_dim):
-        raise fail(f"--resume {args.resume} has {resume['obs_dim']}/{resume['act_dim']}-d observations/actions, "
-                   f"the dataset {obs_dim}/{act_dim}-d")
-
-    if args.normalize_states:
-        obs_mean = data["observations"].mean(0)
-        obs_std = data["observations"].std(0) + 1e-3
-        data["observations"] = (data["observations"] - obs_mean) / obs_std
-        data["next_observations"] = (data["next_observations"] - obs_mean) / obs_std
-    else:
-        obs_mean, obs_std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
-    obs_mean, obs_std = obs_mean.astype(np.float32), obs_std.astype(np.float32)
-
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    resolved = {**settings, "value_loss": args.value_loss, "dataset_transitions": len(data["rewards"]),
-                "obs_dim": obs_dim, "act_dim": act_dim, "ref_scores": list(ref_scores),
-                "reward_scale": reward_transform[0], "reward_shift": reward_transform[1],
-                "eval_env": (eval_env.spec.id if eval_env is not None and eval_env.spec else None)}
-    print(f"xql_offline: {args.env_id} ({settings['domain']}), resolved settings: "
-          + ", ".join(f"{k}={v}" for k, v in resolved.items()), flush=True)
-    if eval_env is None:
-        print(f"xql_offline: evaluation skipped for {args.env_id}: {no_eval_reason}", flush=True)
-
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config={**vars(args), **resolved}, name=run_name, save_code=True)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
-                    + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    writer.add_text("resolved_settings", "|setting|value|\n|-|-|\n"
-                    + "\n".join(f"|{k}|{v}|" for k, v in resolved.items()))
-
+    # ---- set-up ----
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-
-    dataset = DeviceDataset(data, device, extra_capacity=args.online_steps)
-    agent = Agent(obs_dim, act_dim, settings, args.hidden_dim).to(device)
-    optimizers = {
-        "actor": make_optimizer(agent.actor.parameters(), args.learning_rate, device),
-        "critic": make_optimizer(agent.critic.parameters(), args.learning_rate, device),
-        "value": make_optimizer(agent.value.parameters(), args.learning_rate, device),
-    }
-    eval_history = []  # offline: (gradient step, mean return, normalised score)
-    online_history = []  # online: (env step, mean return, normalised score)
-    start_step, start_online_step = 0, 0
-    if resume is not None:
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    run_dir = os.path.join(args.runs_dir, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=dataclasses.asdict(args), name=os.path.basename(run_dir), save_code=True)
+    writer = SummaryWriter(run_dir)
+    table = "\n".join(f"|{key}|{value}|" for key, value in dataclasses.asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    buffer = ReplayBuffer(n + args.online_steps, obs_dim, action_dim, device)  # the dataset, then online data
+    buffer.add(*(data[key] for key in ("observations", "actions", "rewards", "next_observations", "terminals")), np.zeros(n))
+    agent = Agent(obs_dim, action_dim, args).to(device)
+    adam = partial(torch.optim.Adam, lr=torch.tensor(args.learning_rate), capturable=args.cudagraphs)
+    optimizers = {name: adam(getattr(agent, name).parameters()) for name in ("value", "actor", "critic")}
+    # The actor's lr decays to 0 over --max-steps by a cosine, as optax.cosine_decay_schedule in the authors' code.
+    cosine = lambda t: 0.5 * (1 + math.cos(math.pi * min(t, args.max_steps) / args.max_steps))  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizers["actor"], cosine if args.cosine_actor_lr else lambda t: 1.0)
+    evaluations, online_evaluations, start = [], [], 0
+    if resume:  # the random state and an episode in progress are not restored
         agent.load_state_dict(resume["agent"])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(resume["optimizers"][name])
-        rows = resume.get("online_rows")
-        if rows is not None and len(rows):
-            dataset.storage[dataset.size: dataset.size + len(rows)] = rows.to(device)
-            dataset.size += len(rows)
-        start_step, start_online_step = resume["step"], resume.get("online_step", 0)
-        eval_history, online_history = list(resume["eval_history"]), list(resume.get("online_history", []))
-        print(f"xql_offline: resumed {args.resume} at gradient step {start_step}, online step {start_online_step}",
-              flush=True)
-    compile_mode = "reduce-overhead" if args.cudagraphs else ("default" if args.compile else None)
-    update = make_update_fn(agent, optimizers, settings, args, compile_mode)
-    policy = torch.compile(agent.actor) if compile_mode else agent.actor
+        schedule.load_state_dict(resume["schedule"])
+        buffer.add(*resume["online_rows"])
+        evaluations, online_evaluations, start = resume["evaluations"], resume["online_evaluations"], resume["step"]
+        print(f"{PROG}: resumed {args.resume} at step {start}")
+    update_fn, policy = update, agent.actor
+    if args.compile:
+        mode = "reduce-overhead" if args.cudagraphs else None
+        update_fn, policy = torch.compile(update, mode=mode), torch.compile(agent.actor, mode=mode)
+    train_env = make_env(data["env_spec"], args.seed, data["obs_mean"], data["obs_std"]) if args.online_steps else None
+    obs, total = train_env.reset()[0] if train_env else None, args.max_steps + args.online_steps
+    first_bad, last_finite = torch.zeros((), dtype=torch.long, device=device), snapshot(agent, args, start, {})
+    start_time, log_time, log_step, last_eval = time.time(), time.time(), start, "-"
 
-    def actor_lr(step: int) -> float:
-        """Cosine decay of the actor's lr to 0 over max_steps (optax.cosine_decay_schedule, authors/IQL)."""
-        if not settings["cosine_actor_lr"]:
-            return args.learning_rate
-        return args.learning_rate * 0.5 * (1 + math.cos(math.pi * min(step, args.max_steps) / args.max_steps))
-
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-
-    def checkpoint(step: int, online_step: int = 0) -> dict:
-        return dict(agent=agent.state_dict(), optimizers={k: o.state_dict() for k, o in optimizers.items()},
-                    args=asdict(args), settings=settings, step=step, online_step=online_step,
-                    obs_dim=obs_dim, act_dim=act_dim, obs_mean=obs_mean, obs_std=obs_std, ref_scores=ref_scores,
-                    eval_history=eval_history, online_history=online_history,
-                    online_rows=dataset.storage[dataset.dataset_size: dataset.size].cpu(),
-                    eval_env_id=(eval_env.spec.id if eval_env is not None and eval_env.spec else None))
-
-    last_finite = torch.zeros(len(STAT_NAMES), device=device)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    step_counter = torch.full((), start_step + start_online_step, dtype=torch.long, device=device)
-    start_time = time.time()
-    timing = dict(time=time.time(), step=start_step + start_online_step)
-
-    def train_step() -> torch.Tensor:
-        """One update; remembers the last finite statistics and the first non-finite step, on the device."""
-        nonlocal last_finite, first_bad_step
-        stats = update(*dataset.sample(settings["batch_size"]))
-        finite = torch.isfinite(stats).all()
-        step_counter.add_(1)
-        last_finite = torch.where(finite, stats, last_finite)
-        first_bad_step = torch.where((first_bad_step < 0) & ~finite, step_counter, first_bad_step)
-        return stats
-
-    def log_and_check(stats: torch.Tensor, gradient_step: int, label: str, last_eval: str) -> None:
-        """At log intervals only: the host sync, the NaN/inf stop, scalars and the progress line."""
-        bad_step = int(first_bad_step)
-        if bad_step >= 0:
-            writer.flush()
-            if args.save_model:
-                save_atomic(checkpoint(gradient_step), os.path.join(run_dir, "checkpoint_nonfinite.pt"))
-            last = ", ".join(f"{n.split('/')[1]}={v:.4g}" for n, v in zip(STAT_NAMES, last_finite.tolist()))
-            raise SystemExit(f"xql_offline: a loss became NaN/inf at gradient step {bad_step}; last finite "
-                             f"values: {last}. Try a larger --beta or a smaller --loss-clip / --learning-rate. "
-                             f"Run folder: {run_dir}")
-        values = stats.tolist()
-        now = time.time()
-        sps = (gradient_step - timing["step"]) / max(now - timing["time"], 1e-9)
-        timing.update(time=now, step=gradient_step)
-        for name, value in zip(STAT_NAMES, values):
-            writer.add_scalar(name, value, gradient_step)
-        writer.add_scalar("charts/SPS", sps, gradient_step)
-        print(f"{label} | SPS {sps:.0f} | v_loss {values[0]:.4f} | q_loss {values[1]:.4f} "
-              f"| actor_loss {values[2]:.4f} | V {values[3]:.2f} | last eval {last_eval}", flush=True)
-
-    def run_evaluation(step: int, history: list, prefix: str) -> None:
-        returns = evaluate(policy, eval_env, settings["eval_episodes"], args.seed, obs_mean, obs_std, device)
-        mean_return = float(returns.mean())
-        score = normalized_score(mean_return, ref_scores)
-        history.append((step, mean_return, score))
-        writer.add_scalar(f"{prefix}/episodic_return", mean_return, step)
-        if score is not None:
-            writer.add_scalar(f"{prefix}/normalized_score", score, step)
-            if prefix == "charts":
-                writer.add_scalar("eval/best_normalized_score", max(s for _, _, s in history), step)
-        print(f"xql_offline: {'online ' if prefix == 'online' else ''}eval at step {step}: return {mean_return:.1f}"
-              + (f", normalised score {score:.1f}" if score is not None else ""), flush=True)
-
-    def last_eval_text(history: list) -> str:
-        return f"{history[-1][2]:.1f}" if history and history[-1][2] is not None else "-"
-
-    # ---- offline phase ----
-    eval_steps = set(range(args.eval_freq, args.max_steps + 1, args.eval_freq)) if args.eval_freq else set()
-    eval_steps.add(args.max_steps)
-    for step in range(start_step + 1, args.max_steps + 1):
-        if settings["cosine_actor_lr"]:
-            optimizers["actor"].param_groups[0]["lr"].fill_(actor_lr(step - 1))
-        stats = train_step()
-        if step % args.log_freq == 0 or step in eval_steps:
-            log_and_check(stats, step, f"step {step}/{args.max_steps}", last_eval_text(eval_history))
-            writer.add_scalar("charts/actor_lr", actor_lr(step - 1), step)
-        if step in eval_steps:
-            if eval_env is not None:
-                run_evaluation(step, eval_history, "charts")
-            if args.save_model:
-                save_atomic(checkpoint(step), checkpoint_path)
-    offline_seconds = time.time() - start_time
-
-    # ---- online fine-tuning (issue 7) ----
-    if args.online_steps > start_online_step:
-        # The authors' fine-tuning config (antmaze_finetune_config.py) has no lr decay: the online phase
-        # uses the constant --learning-rate (a continued cosine schedule would sit at 0).
-        optimizers["actor"].param_groups[0]["lr"].fill_(args.learning_rate)
-        train_env = make_eval_env(eval_env_factory, args.seed + 1)
-        obs, _ = train_env.reset(seed=args.seed + 1)
-        episode_return, (reward_scale, reward_shift) = 0.0, reward_transform
-        online_eval_steps = set(range(args.eval_freq, args.online_steps + 1, args.eval_freq)) if args.eval_freq else set()
-        online_eval_steps.add(args.online_steps)
-        for online_step in range(start_online_step + 1, args.online_steps + 1):
-            state = (np.asarray(obs, dtype=np.float32) - obs_mean) / obs_std
+    # ---- the loop: (when fine-tuning: act, store), update, log, evaluate ----
+    for step in range(start + 1, total + 1):
+        online_step = step - args.max_steps  # > 0 while fine-tuning (Table 2): one env step per update
+        if online_step > 0:
             with torch.no_grad():
-                action = agent.actor.explore(torch.as_tensor(state, device=device).unsqueeze(0))[0].cpu().numpy()
-            obs, reward, terminated, truncated, _ = train_env.step(action)
-            episode_return += float(reward)
-            # Same preprocessing as the dataset (antmaze r - 1, locomotion scale, action clip, state
-            # normalisation); a time-limit truncation keeps mask 1 (the authors' TimeLimit.truncated rule).
-            dataset.add(state, np.clip(action, -1 + 1e-5, 1 - 1e-5), float(reward) * reward_scale + reward_shift,
-                        0.0 if terminated else 1.0, (np.asarray(obs, dtype=np.float32) - obs_mean) / obs_std)
+                action = agent.actor.explore(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
+            next_obs, reward, terminated, truncated, info = train_env.step(action)
+            reward = reward * data["reward_scale"] + data["reward_shift"]  # the dataset's transform
+            buffer.add([obs], [action], [reward], [next_obs], [terminated], [truncated])
+            obs = train_env.reset()[0] if terminated or truncated else next_obs
             if terminated or truncated:
-                writer.add_scalar("online/train_episodic_return", episode_return, online_step)
-                obs, _ = train_env.reset()
-                episode_return = 0.0
-            stats = train_step()
-            gradient_step = args.max_steps + online_step
-            if online_step % args.log_freq == 0 or online_step in online_eval_steps:
-                log_and_check(stats, gradient_step, f"online step {online_step}/{args.online_steps}",
-                              last_eval_text(online_history))
-            if online_step in online_eval_steps:
-                run_evaluation(online_step, online_history, "online")
-                if args.save_model:
-                    save_atomic(checkpoint(args.max_steps, online_step), checkpoint_path)
-        train_env.close()
+                writer.add_scalar("charts/episodic_return", info["episode"]["r"], online_step)
+        if args.cudagraphs:  # CUDA graphs reuse their output buffers: mark each step, clone what is kept
+            torch.compiler.cudagraph_mark_step_begin()
+        losses = update_fn(agent, optimizers, buffer.sample(args.batch_size), args).clone()
+        schedule.step()
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(losses).all(), step, first_bad)  # no host sync
 
-    writer.add_scalar("charts/SPS_overall", (args.max_steps - start_step) / max(offline_seconds, 1e-9), args.max_steps)
-    scores = [s for _, _, s in eval_history if s is not None]
-    result = dict(env_id=args.env_id, exp_name=args.exp_name, seed=args.seed, run_dir=run_dir,
-                  evaluations=eval_history,
-                  final_normalized_score=scores[-1] if scores else None,
-                  best_normalized_score=max(scores) if scores else None,
-                  final_return=eval_history[-1][1] if eval_history else None,
-                  evaluation_skipped=no_eval_reason if eval_env is None else None)
-    if scores:
-        writer.add_scalar("eval/final_normalized_score", result["final_normalized_score"], args.max_steps)
-    if args.online_steps > 0:
-        online_scores = [s for _, _, s in online_history if s is not None]
-        before, after = result["final_normalized_score"], online_scores[-1] if online_scores else None
-        result.update(online_evaluations=online_history, finetune_before=before, finetune_after=after)
-        if before is not None and after is not None:
-            line = f"{args.env_id}: {before:.1f} -> {after:.1f} (final offline -> final online normalised score)"
-            writer.add_text("finetune", line)
-            writer.add_scalar("online/score_before", before, args.online_steps)
-            writer.add_scalar("online/score_after", after, args.online_steps)
-            print(f"xql_offline: fine-tuning (Table 2 form) {line}", flush=True)
-    write_json_atomic(result, os.path.join(run_dir, "results.json"))
+        phase_step, prefix = (step, "eval") if online_step <= 0 else (online_step, "finetune")  # fine-tuning: env steps
+        evaluate_now = step in (args.max_steps, total) or (args.eval_freq and phase_step % args.eval_freq == 0)
+        if step % args.log_freq == 0 or evaluate_now:
+            if first_bad.item():  # the host sync of a log interval
+                stop_on_nonfinite(run_dir, int(first_bad), last_finite)
+            values = dict(zip(LOSS_TAGS, losses.tolist()))
+            values["charts/actor_lr"] = float(optimizers["actor"].param_groups[0]["lr"])
+            last_finite = snapshot(agent, args, step, values)
+            sps, log_time, log_step = (step - log_step) / (time.time() - log_time), time.time(), step
+            log_progress(writer, values, step, total, sps, last_eval)
+        if evaluate_now and eval_env is not None:
+            agent.eval()  # no dropout in the deterministic policy
+            returns, _ = evaluate(policy, eval_env, args.eval_episodes, device)
+            agent.train()
+            score = normalized_score(returns.mean(), ref)
+            (evaluations if prefix == "eval" else online_evaluations).append((phase_step, float(returns.mean()), score))
+            writer.add_scalar(f"{prefix}/episodic_return", returns.mean(), phase_step)
+            if score is not None:
+                writer.add_scalar(f"{prefix}/normalized_score", score, phase_step)
+            last_eval = f"{returns.mean():.2f}" if score is None else f"{score:.1f} (normalised)"
+            print(f"step {step}/{total} | {prefix} return {returns.mean():.2f} +- {returns.std():.2f}"
+                  + ("" if score is None else f" | normalised score {score:.1f}"))
+        if args.save_model and evaluate_now:
+            online_rows = [x[n: buffer.size].cpu() for x in (buffer.obs, buffer.actions, buffer.rewards, buffer.next_obs,
+                                                              buffer.terminated, buffer.truncated)]
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent=agent.state_dict(), args=dataclasses.asdict(args),
+                            step=step, optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
+                            schedule=schedule.state_dict(), online_rows=online_rows, obs_mean=data["obs_mean"],
+                            obs_std=data["obs_std"], env_spec=data["env_spec"],
+                            ref=ref, evaluations=evaluations, online_evaluations=online_evaluations)
+
+    # ---- final report ----
     writer.close()
-    if eval_env is not None:
-        eval_env.close()
-    summary = (f"final normalised score {result['final_normalized_score']:.1f}, best {result['best_normalized_score']:.1f}"
-               if scores else ("final return " + f"{result['final_return']:.1f}" if eval_history else "no evaluation"))
-    print(f"xql_offline: done ({summary}); run folder {run_dir}"
-          + (f", checkpoint {checkpoint_path}" if args.save_model else ""), flush=True)
-    if args.track:
-        import wandb
-
-        wandb.finish()
+    returns, scores = [r for _, r, _ in evaluations], [s for _, _, s in evaluations if s is not None]
+    result = {"env_id": args.env_id, "exp_name": args.exp_name, "seed": args.seed, "run_dir": run_dir,
+              "evaluations": evaluations, "online_evaluations": online_evaluations,
+              "final_return": returns[-1] if returns else None, "best_return": max(returns, default=None),
+              "final_normalized_score": scores[-1] if scores else None, "best_normalized_score": max(scores, default=None),
+              "dataset_return": float(data["returns"].mean()),
+              "dataset_normalized_score": normalized_score(data["returns"].mean(), ref),
+              "evaluation_skipped": None if eval_env else data["no_eval_reason"]}
+    if online_evaluations and scores:  # Table 2's "before -> after"
+        result["finetune_before"], result["finetune_after"] = scores[-1], online_evaluations[-1][2]
+        print(f"{PROG}: fine-tuning {args.env_id}: normalised score {scores[-1]:.1f} -> {online_evaluations[-1][2]:.1f}")
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    summary = f"final return {returns[-1]:.2f}, best {max(returns):.2f}" if returns else "no evaluation"
+    summary = f"final normalised score {scores[-1]:.1f}, best {max(scores):.1f}" if scores else summary
+    print(f"{PROG}: done in {datetime.timedelta(seconds=round(time.time() - start_time))}, {summary}; run folder {run_dir}"
+          + (f"; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}" if args.save_model else ""))
     return result
 
 
