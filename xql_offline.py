@@ -210,7 +210,7 @@ def resolve_args(args: Args) -> Args:
         random_times = max(args.sample_random_times, random_times)
         args = dataclasses.replace(args, noise=args.noise or noise, sample_random_times=random_times)
     # The cosine: where the domain's config has it, on every domain for IQL, never when fine-tuning (their configs).
-    cosine = args.cosine_actor_lr and (table.pop("cosine") or args.value_loss == "expectile") and not args.online_steps
+    cosine = (table.pop("cosine") or args.value_loss == "expectile") and args.cosine_actor_lr and not args.online_steps
     filled = {key: value if getattr(args, key) is None else getattr(args, key) for key, value in table.items()}
     return dataclasses.replace(args, **filled, env_id=env_id, cosine_actor_lr=cosine, compile=args.compile or args.cudagraphs)
 
@@ -240,7 +240,7 @@ def qlearning_dataset(data: dict, max_episode_steps: int) -> dict[str, np.ndarra
         keep, episode_step = np.zeros(len(data["rewards"]) - 1, dtype=bool), 0
         for i in range(len(keep)):
             keep[i] = episode_step != max_episode_steps - 1
-            episode_step = 0 if not keep[i] or data["terminals"][i] else episode_step + 1
+            episode_step = 0 if not keep[i] else 1 if data["terminals"][i] else episode_step + 1  # d4rl's count
     index = np.flatnonzero(keep)
     return dict(observations=data["observations"][index], actions=data["actions"][index], rewards=data["rewards"][index],
                 next_observations=data["observations"][index + 1], terminals=data["terminals"][index].astype(bool))
@@ -364,8 +364,8 @@ def evaluate(policy, env: gym.Env, episodes: int, device: torch.device) -> tuple
 
 
 def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float, clip_mode: str) -> torch.Tensor:
-    """Gumbel regression (Eq. 7, 9, 11) in the stable form of App. D.3; minimised by beta log mean exp(target / beta).
-    z = (target - pred) / beta is clipped (`both`: to [-clip, clip]; `upper`: from above only), then e^m with
+    """Gumbel regression (Eq. 7, 9, 11) in the stable form of App. D.3; unclipped, minimised by beta log mean exp(target /
+    beta). z = (target - pred) / beta is clipped (`both`: to [-clip, clip]; `upper`: from above only), then e^m with
     m = max(max z, -1), detached, is factored out: e^{z-m} - z e^{-m} - e^{-m} is e^{-m} (e^z - z - 1), so the
     minimiser and the gradient signs are those of Eq. 7 and the gradient is rescaled per batch."""
     z = (target - pred) / beta

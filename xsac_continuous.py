@@ -126,6 +126,7 @@ def resolve_args(args: Args) -> Args:
         (args.taylor_order < 2 or args.taylor_order % 2, "--taylor-order must be even and >= 2 (odd: unbounded below)"),
         (args.cudagraphs and not (args.cuda and torch.cuda.is_available()), "--cudagraphs needs a CUDA device"),
         (args.track and not importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+        (args.eval_only and not args.checkpoint, "--eval-only needs --checkpoint PATH (a checkpoint.pt of --save-model)"),
         (args.capture_video and not importlib.util.find_spec("moviepy"), "--capture-video needs moviepy: pip install moviepy"),
         (args.save_buffer and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_buffer))),
          f"--save-buffer {args.save_buffer}: its folder does not exist"),
@@ -164,8 +165,7 @@ def make_env(env_id: str, seed: int, video_folder: str | None = None) -> gym.Env
 
 
 def final_observations(next_obs: np.ndarray, infos: dict) -> tuple[np.ndarray, list[tuple[float, int]]]:
-    """Same-step autoreset puts the next episode's first observation in next_obs where an episode ended: put the
-    true last one (infos["final_obs"]) back so that no transition is lost. Also returns (return, length) of those."""
+    """Same-step autoreset: put back each finished episode's true last observation; also its (return, length)."""
     real_next_obs, finished = next_obs.copy(), []
     for i in np.flatnonzero(infos.get("_final_obs", [])):
         real_next_obs[i] = infos["final_obs"][i]
@@ -190,8 +190,8 @@ def evaluate(policy, env: gym.Env, episodes: int, device: torch.device) -> tuple
 
 
 def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float, clip_mode: str) -> torch.Tensor:
-    """Gumbel regression (Eq. 7, 11) in the stable form of App. D.3; minimised by beta log mean exp(target / beta).
-    z = (target - pred) / beta is clipped (`both`: to [-clip, clip]; `upper`: from above only), then e^m with
+    """Gumbel regression (Eq. 7, 9, 11) in the stable form of App. D.3; unclipped, minimised by beta log mean exp(target /
+    beta). z = (target - pred) / beta is clipped (`both`: to [-clip, clip]; `upper`: from above only), then e^m with
     m = max(max z, -1), detached, is factored out: e^{z-m} - z e^{-m} - e^{-m} is e^{-m} (e^z - z - 1), so the
     minimiser and the gradient signs are those of Eq. 7 and the gradient is rescaled per batch."""
     z = (target - pred) / beta
@@ -239,13 +239,15 @@ class ReplayBuffer:
         i = torch.randint(0, self.size, (batch_size,), device=self.device)
         return Batch(self.obs[i], self.actions[i], self.rewards[i], self.next_obs[i], self.terminated[i])
 
-    def save_hdf5(self, path: str, **attrs) -> None:
-        """The buffer, oldest first, as a D4RL-format HDF5 file with `attrs` as its attributes: terminals are true ends,
-        timeouts time limits and the last row (where the episode in progress is cut). It appears only when complete."""
+    def save_hdf5(self, path: str, num_envs: int = 1, **attrs) -> None:
+        """The buffer as a D4RL-format HDF5 file with `attrs` as its attributes, oldest first and env after env (rows were
+        added one per env and step): terminals are true ends, timeouts time limits and each env's last row (where its
+        episode in progress is cut). The file appears only when complete."""
         oldest = self.ptr if self.size == self.capacity else 0
-        order = (oldest + torch.arange(self.size, device=self.device)) % self.capacity
+        order = ((oldest + torch.arange(self.size, device=self.device)) % self.capacity).view(-1, num_envs).T.reshape(-1)
+        last = torch.arange(1, num_envs + 1, device=self.device) * (self.size // num_envs) - 1  # each env's last row
         timeouts = self.truncated[order]
-        timeouts[-1:] = 1.0 - self.terminated[order][-1:]
+        timeouts[last[: self.size]] = 1.0 - self.terminated[order][last[: self.size]]
         arrays = {"observations": self.obs[order], "actions": self.actions[order], "rewards": self.rewards[order],
                   "terminals": self.terminated[order].bool(), "timeouts": timeouts.bool(),
                   "next_observations": self.next_obs[order]}
@@ -378,12 +380,11 @@ def bellman_errors(agent: Agent, batch: Batch, gamma: float) -> np.ndarray:
 
 
 # ---- logging, checkpoints, the NaN stop ----
-def log_progress(writer: SummaryWriter, values: dict, step: int, total: int, sps: float, evaluations: list) -> None:
+def log_progress(writer: SummaryWriter, values: dict, step: int, total: int, sps: float, last_eval: str) -> None:
     """TensorBoard scalars and the console line `step N/M | SPS … | <losses> | last eval … | ETA h:mm:ss`."""
     for tag, value in {**values, "charts/SPS": sps}.items():
         writer.add_scalar(tag, value, step)
     losses = " | ".join(f"{tag[7:]} {value:.4g}" for tag, value in values.items() if tag.startswith("losses/"))
-    last_eval = f"{evaluations[-1][1]:.2f}" if evaluations else "-"
     eta = datetime.timedelta(seconds=round((total - step) / sps))
     print(f"step {step}/{total} | SPS {sps:.0f} | {losses} | last eval {last_eval} | ETA {eta}")
 
@@ -400,7 +401,7 @@ def load_checkpoint(path: str | None) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         assert {"agent", "args", "step"} <= set(checkpoint)
     except Exception as error:  # noqa: BLE001 - a missing, truncated or foreign file is the same user mistake
-        raise SystemExit(f"{PROG}: --checkpoint {path} is not a checkpoint of {PROG} --save-model ({type(error).__name__}).")
+        raise SystemExit(f"{PROG}: {path} is not a checkpoint of {PROG} --save-model ({type(error).__name__}).")
     return checkpoint
 
 
@@ -469,11 +470,12 @@ def main(args: Args) -> dict:
     if args.compile:
         mode = "reduce-overhead" if args.cudagraphs else None
         update_fn, policy = torch.compile(update, mode=mode), torch.compile(agent.actor.sample, mode=mode)
-    buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, action_dim, device)
+    capacity = min(args.buffer_size, args.total_timesteps) // args.num_envs * args.num_envs  # whole steps of every env
+    buffer = ReplayBuffer(capacity, obs_dim, action_dim, device)
     envs.action_space.seed(args.seed)
     obs, _ = envs.reset(seed=args.seed)
     losses, last_finite, num_updates, evaluations = None, snapshot(agent, args, 0, {}), 0, []
-    start_time, log_time, log_step = time.time(), time.time(), 0
+    start_time, log_time, log_step, last_eval = time.time(), time.time(), 0, "-"
 
     # ---- the loop: act, store, update, log, evaluate ----
     try:
@@ -514,19 +516,20 @@ def main(args: Args) -> dict:
                 values = dict(zip(LOSS_TAGS, losses.tolist()))
                 last_finite = snapshot(agent, args, step, values)
                 sps, log_time, log_step = (step - log_step) / (time.time() - log_time), time.time(), step
-                log_progress(writer, values, step, args.total_timesteps, sps, evaluations)
+                log_progress(writer, values, step, args.total_timesteps, sps, last_eval)
 
             if crossed(step, args.num_envs, args.eval_freq) or step + args.num_envs > args.total_timesteps:
                 returns, lengths = evaluate(agent.actor.mean_action, eval_env, args.eval_episodes, device)
                 evaluations.append((step, float(returns.mean())))
+                last_eval = f"{returns.mean():.2f}"
                 writer.add_scalar("eval/episodic_return", returns.mean(), step)
                 writer.add_scalar("eval/episodic_length", lengths.mean(), step)
                 print(f"step {step}/{args.total_timesteps} | eval return {returns.mean():.2f} +- {returns.std():.2f}")
     finally:  # after a NaN stop or Ctrl-C too: the buffer is what a user needs to look into it
         if args.save_buffer:
             policy_used = f"uniform random for {args.learning_starts} env steps, then the stochastic policy being trained"
-            buffer.save_hdf5(args.save_buffer, env_id=args.env_id, script=PROG, exp_name=args.exp_name, seed=args.seed,
-                             env_steps=buffer.size, policy=policy_used)
+            buffer.save_hdf5(args.save_buffer, args.num_envs, env_id=args.env_id, script=PROG, exp_name=args.exp_name,
+                             seed=args.seed, env_steps=buffer.size, policy=policy_used)
             print(f"{PROG}: replay buffer ({buffer.size} transitions) written to {args.save_buffer}")
 
     # ---- final report and save ----

@@ -56,7 +56,7 @@ def load_gumbel_loss(script: str | None = None, root: Path = ROOT):
     sys.modules[name] = module  # dataclasses look their module up while the script is being imported
     spec.loader.exec_module(module)
     if not callable(getattr(module, "gumbel_loss", None)):
-        raise SystemExit(f"{PROG}: {path} defines no gumbel_loss(pred, target, beta, clip)")
+        raise SystemExit(f"{PROG}: {path} defines no gumbel_loss(pred, target, beta, clip, clip_mode)")
     return module.gumbel_loss, path
 
 
@@ -70,7 +70,7 @@ def plain_loss_from_script(gumbel_loss, difference: np.ndarray, beta: float) -> 
     values = []
     for d in difference:
         pred, target = torch.zeros(1, dtype=torch.float64), torch.tensor([d], dtype=torch.float64)
-        normalised = gumbel_loss(pred, target, beta, math.inf).item()
+        normalised = gumbel_loss(pred, target, beta, math.inf, "upper").item()  # unclipped
         values.append(normalised * math.exp(max(d / beta, -1.0)))  # undo App. D.3's factor e^{-max(z, -1)}
     return np.array(values)
 
@@ -110,7 +110,7 @@ def evaluate_curve(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def gumbel_regression(x, y, gumbel_loss, betas, clip: float, degree: int, steps: int, lr: float) -> dict:
     """β -> fitted coefficients, plus "mse" -> the least-squares fit."""
-    fits = {beta: fit_curve(x, y, lambda p, t, b=beta: gumbel_loss(p, t, b, clip), degree, steps, lr) for beta in betas}
+    fits = {beta: fit_curve(x, y, lambda p, t, b=beta: gumbel_loss(p, t, b, clip, "upper"), degree, steps, lr) for beta in betas}
     fits["mse"] = fit_curve(x, y, lambda p, t: ((p - t) ** 2).mean(), degree, steps, lr)
     return fits
 

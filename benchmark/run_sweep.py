@@ -1,7 +1,8 @@
 """Run one script over many (env id, seed) pairs: N parallel workers on this machine, or a Slurm job array.
 
 Every run is `<python> <script> --env-id ENV --seed SEED <extra flags>`, started from the repository
-root; everything after `--` is passed to every run unchanged.
+root; everything after `--` is passed to every run, with `{env_id}` and `{seed}` replaced by the run's own
+(e.g. `-- --dataset-path data/{env_id}.hdf5`).
 
 Local (N parallel workers, one log per run, a summary of failed runs at the end):
 
@@ -213,7 +214,9 @@ def build_runs(args: argparse.Namespace, extra: list[str], script: Path, log_dir
     runs = []
     for seed in args.seeds:
         for env_id in args.env_ids:
-            command = [args.python, display_path(script), "--env-id", env_id, "--seed", str(seed), *extra]
+            # {env_id} and {seed} in the flags after `--` take each run's own values (e.g. a per-dataset file)
+            own_extra = [token.replace("{env_id}", env_id).replace("{seed}", str(seed)) for token in extra]
+            command = [args.python, display_path(script), "--env-id", env_id, "--seed", str(seed), *own_extra]
             log_path = log_dir / f"{env_id.replace('/', '-')}__seed{seed}.log"
             runs.append(Run(len(runs), env_id, seed, command, log_path))
     return runs

@@ -3,10 +3,12 @@
 Reads the TensorBoard event files under RUNS_DIR (any depth). A run folder is named
 `{env_id with '/' replaced by '-'}__{exp_name}__{seed}__{unix_time}`; the task is the env id and the
 *arm* is the experiment name (xql, iql, xsac, sac, xtd3, xtd3-dq, td3, ...). The evaluation metric is
-`charts/normalized_score` for offline runs (step = gradient steps) and `eval/episodic_return` for
-online runs (step = env steps), detected per run unless `--metric TAG` is given. An offline run
-fine-tuned online (`xql_offline.py --online-steps`, Table 2) also logs `online/normalized_score`; its
-online phase becomes a row of its own, arm `<exp_name>-finetune`, in a fine-tuning table.
+`eval/normalized_score` for offline runs with reference returns (step = gradient steps) and
+`eval/episodic_return` otherwise (online runs: step = env steps; offline runs on datasets without
+reference returns, recognised by their `charts/actor_lr`: gradient steps), detected per run unless
+`--metric TAG` is given. An offline run fine-tuned online (`xql_offline.py --online-steps`, Table 2)
+also logs `finetune/normalized_score` (or `finetune/episodic_return`); its online phase becomes a row
+of its own, arm `<exp_name>-finetune`, in a fine-tuning table.
 
 The table, one per benchmark (D4RL locomotion, AntMaze, Kitchen, Adroit, DM Control, other), gives
 per task and arm: the number of seeds, mean ± std over seeds of the **final** and of the **best**
@@ -43,14 +45,16 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # paper_results.py sit
 from paper_results import paper_scores  # noqa: E402
 
 PROG = "summarize"
-OFFLINE_TAG = "charts/normalized_score"
-ONLINE_TAG = "eval/episodic_return"
-FINETUNE_TAG = "online/normalized_score"  # xql_offline.py --online-steps: evaluations while fine-tuning
+OFFLINE_TAG = "eval/normalized_score"
+ONLINE_TAG = "eval/episodic_return"  # also offline runs on data without reference returns (they log charts/actor_lr)
+FINETUNE_TAG = "finetune/normalized_score"  # xql_offline.py --online-steps: evaluations while fine-tuning
+FINETUNE_RETURN_TAG = "finetune/episodic_return"  # the same without reference returns
 RUN_NAME = re.compile(r"(?P<task>.+?)__(?P<arm>.+)__(?P<seed>-?\d+)__(?P<time>\d+)")
 BEST_NOTE = (
-    "*Best* is the highest evaluation over training, averaged over seeds: this is what the authors' "
-    "code reports, and it overestimates, because it picks the checkpoint on the very episodes it "
-    "reports. *Final* is the last evaluation of each run, the number to compare methods on."
+    "*Best* is the highest evaluation over training, averaged over seeds; *Final* is the last evaluation of "
+    "each run, the number to compare methods on. The authors' code logs every evaluation and a running best, "
+    "and the paper does not say which of the two its tables report. Best overestimates what a run delivers: it "
+    "picks the checkpoint on the very episodes it reports."
 )
 
 
@@ -64,6 +68,18 @@ class Run:
     steps: np.ndarray
     values: np.ndarray
     path: Path
+    offline: bool = False  # an xql_offline.py run (x axis: gradient steps, or online env steps when fine-tuning)
+    dataset: float | None = None  # offline: the dataset's own mean episode return (normalised like the metric)
+
+
+def dataset_value(run_dir: Path, tag: str) -> float | None:
+    """The dataset's own mean episode return from an offline run's results.json, on the scale of `tag`."""
+    try:
+        result = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = result.get("dataset_normalized_score" if tag == OFFLINE_TAG else "dataset_return")
+    return None if value is None else float(value)
 
 
 def warn(message: str) -> None:
@@ -124,14 +140,17 @@ def load_runs(runs_dir: Path, metric: str | None) -> list[Run]:
             tag = metric
         else:
             tag = OFFLINE_TAG if OFFLINE_TAG in series else ONLINE_TAG
+        offline = OFFLINE_TAG in series or "charts/actor_lr" in series
         if tag not in series or len(series[tag][0]) == 0:
             wanted = f"'{metric}'" if metric is not None else f"'{OFFLINE_TAG}' or '{ONLINE_TAG}'"
             warn(f"skipping {run_dir}: no evaluation yet (no {wanted} logged: the run has not reached its first evaluation, or it does not evaluate)")
             continue
-        found = [Run(match["task"], match["arm"], int(match["seed"]), int(match["time"]), tag, *series[tag], run_dir)]
-        if metric is None and len(series.get(FINETUNE_TAG, ((),))[0]) > 0:
+        found = [Run(match["task"], match["arm"], int(match["seed"]), int(match["time"]), tag, *series[tag], run_dir, offline,
+                     dataset_value(run_dir, tag))]
+        finetune_tag = FINETUNE_TAG if FINETUNE_TAG in series else FINETUNE_RETURN_TAG
+        if metric is None and len(series.get(finetune_tag, ((),))[0]) > 0:
             # an offline run fine-tuned online (Table 2): its online phase is a row of its own, arm "<arm>-finetune"
-            found.append(Run(match["task"], f"{match['arm']}-finetune", int(match["seed"]), int(match["time"]), FINETUNE_TAG, *series[FINETUNE_TAG], run_dir))
+            found.append(Run(match["task"], f"{match['arm']}-finetune", int(match["seed"]), int(match["time"]), finetune_tag, *series[finetune_tag], run_dir, True))
         for run in found:
             key = (run.task, run.arm, run.seed)
             if key in runs:
@@ -169,9 +188,9 @@ def stratified_bootstrap_iqm(scores_per_task: list[np.ndarray], reps: int, rng: 
     return point, float(low), float(high)
 
 
-def benchmark_of(task: str, tag: str) -> str:
+def benchmark_of(task: str, tag: str, offline: bool = False) -> str:
     """Which table a task belongs in (the paper's grouping)."""
-    if tag == FINETUNE_TAG:
+    if tag in (FINETUNE_TAG, FINETUNE_RETURN_TAG):
         return "D4RL AntMaze, online fine-tuning (Table 2)" if "antmaze" in task else "Online fine-tuning"
     name = task.removeprefix("D4RL-")
     if task.startswith("dm_control-"):
@@ -184,8 +203,8 @@ def benchmark_of(task: str, tag: str) -> str:
         return "D4RL Franka Kitchen (Table 1)"
     if re.match(r"(pen|hammer|door|relocate)-", name):
         return "D4RL Adroit (Table 3)"
-    if tag == OFFLINE_TAG:
-        return "Other offline tasks"
+    if tag == OFFLINE_TAG or offline:
+        return "Other offline tasks" + ("" if tag == OFFLINE_TAG else " (returns)")
     return "Other online tasks"
 
 
@@ -193,7 +212,7 @@ def summarise(runs: list[Run], reps: int, seed: int) -> list[dict]:
     """Per benchmark: rows (task x arm) and per-arm IQM; plain dicts, also written as JSON."""
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
-        groups[(benchmark_of(run.task, run.tag), run.tag)].append(run)
+        groups[(benchmark_of(run.task, run.tag, run.offline), run.tag)].append(run)
     rng = np.random.default_rng(seed)
     benchmarks = []
     for (benchmark, tag), bench_runs in sorted(groups.items()):
@@ -212,6 +231,7 @@ def summarise(runs: list[Run], reps: int, seed: int) -> list[dict]:
                 "final": final.tolist(), "best": best.tolist(),
                 "final_step_min": min(final_steps), "final_step_max": max(final_steps),
                 "paper": [vars(p) for p in paper_scores(task, arm)],
+                "dataset": float(np.mean(data)) if (data := [r.dataset for r in cell if r.dataset is not None]) else None,
             })
         iqm = []
         for arm in sorted({r["arm"] for r in rows}):
@@ -242,10 +262,12 @@ def mean_std(mean: float, std: float) -> str:
 def render_markdown(benchmarks: list[dict], reps: int, seed: int) -> str:
     lines = ["# Results", ""]
     for bench in benchmarks:
-        metric = {OFFLINE_TAG: "normalised score ", ONLINE_TAG: "evaluation return ",
+        metric = {OFFLINE_TAG: "normalised score ", ONLINE_TAG: "evaluation return ", FINETUNE_RETURN_TAG: "return during online fine-tuning ",
                   FINETUNE_TAG: "normalised score during online fine-tuning "}.get(bench["metric"], "")
         lines += [f"## {bench['benchmark']}", "", f"Metric: {metric}`{bench['metric']}`, mean ± std over seeds.", ""]
-        lines += ["| Task | Arm | Seeds | Steps | Final | Best | Paper |", "|---|---|---:|---:|---:|---:|---|"]
+        with_data = any(row["dataset"] is not None for row in bench["rows"])
+        lines += ["| Task | Arm | Seeds | Steps | Final | Best |" + (" Dataset |" if with_data else "") + " Paper |",
+                  "|---|---|---:|---:|---:|---:|" + ("---:|" if with_data else "") + "---|"]
         approximate = False
         for row in bench["rows"]:
             steps = format_steps(row["final_step_min"])
@@ -256,10 +278,14 @@ def render_markdown(benchmarks: list[dict], reps: int, seed: int) -> str:
                 approximate |= not row["paper"][0]["exact"]
                 mark = "" if row["paper"][0]["exact"] else "≈ "
                 paper = mark + " · ".join(f"{p['method']} {p['value']}" for p in row["paper"]) + f" ({row['paper'][0]['source']})"
+            data = (" —" if row["dataset"] is None else f" {row['dataset']:.1f}") + " |" if with_data else ""
             lines.append(f"| {row['task']} | {row['arm']} | {len(row['seeds'])} | {steps} | "
-                         f"{mean_std(row['final_mean'], row['final_std'])} | {mean_std(row['best_mean'], row['best_std'])} | {paper} |")
+                         f"{mean_std(row['final_mean'], row['final_std'])} | {mean_std(row['best_mean'], row['best_std'])} |{data} {paper} |")
         lines += ["", BEST_NOTE]
-        if bench["metric"] == FINETUNE_TAG:
+        if with_data:
+            lines += ["", "Dataset: the mean return of the dataset's own episodes (normalised like the metric): an offline "
+                      "method that does not beat its data has not shown anything."]
+        if bench["metric"] in (FINETUNE_TAG, FINETUNE_RETURN_TAG):
             lines += ["", "Fine-tuning rows: Final is the score after online fine-tuning; the score before it (the "
                       "run's final offline evaluation) is in the offline table, row of the arm without -finetune."]
         if any(row["final_step_min"] != row["final_step_max"] for row in bench["rows"]):
@@ -296,7 +322,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    tasks = sorted({(benchmark_of(r.task, r.tag), r.task) for r in runs})
+    tasks = sorted({(benchmark_of(r.task, r.tag, r.offline), r.task) for r in runs})
     arms = sorted({r.arm for r in runs})
     colors = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
     ncols = min(3, len(tasks))
@@ -304,7 +330,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(max(5.0 * ncols, 6.0), 3.4 * nrows + 0.9), squeeze=False, layout="constrained")
     handles = {}
     for ax, (benchmark, task) in zip(axes.flat, tasks):
-        task_runs = [r for r in runs if r.task == task and benchmark_of(r.task, r.tag) == benchmark]
+        task_runs = [r for r in runs if r.task == task and benchmark_of(r.task, r.tag, r.offline) == benchmark]
         for arm in arms:
             arm_runs = [r for r in task_runs if r.arm == arm]
             if not arm_runs:
@@ -312,14 +338,17 @@ def plot_curves(runs: list[Run], path: Path) -> None:
             steps, values = aligned_curves(arm_runs)
             with np.errstate(invalid="ignore"):
                 mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
-            (line,) = ax.plot(steps, mean, color=colors[arm], lw=1.8, label=arm)
+            # markers too: a run with a single evaluation would otherwise draw nothing
+            (line,) = ax.plot(steps, mean, color=colors[arm], lw=1.8, marker="o", markersize=3, label=arm)
             ax.fill_between(steps, mean - std, mean + std, color=colors[arm], alpha=0.2, lw=0)
             handles[arm] = line
-        tag = task_runs[0].tag
-        phase = ", fine-tuning" if tag == FINETUNE_TAG else ""
+        tag, offline = task_runs[0].tag, task_runs[0].offline
+        phase = ", fine-tuning" if tag in (FINETUNE_TAG, FINETUNE_RETURN_TAG) else ""
         ax.set_title(f"{task}{phase}  ({len({r.seed for r in task_runs})} seeds)", fontsize=10)
-        ax.set_xlabel({OFFLINE_TAG: "gradient steps", FINETUNE_TAG: "online fine-tuning env steps"}.get(tag, "env steps"))
-        ax.set_ylabel({OFFLINE_TAG: "normalised score", FINETUNE_TAG: "normalised score", ONLINE_TAG: "eval return"}.get(tag, tag))
+        xlabel = "online fine-tuning env steps" if phase else "gradient steps" if offline else "env steps"
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel({OFFLINE_TAG: "normalised score", FINETUNE_TAG: "normalised score", ONLINE_TAG: "eval return",
+                       FINETUNE_RETURN_TAG: "eval return"}.get(tag, tag))
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(tasks):]:

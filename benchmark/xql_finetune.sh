@@ -7,8 +7,9 @@
 # reference scores): `minari download D4RL/antmaze/umaze-v1` etc. Scores are therefore on the Minari
 # versions of the tasks, not the paper's v0 files.
 #
-# Settings pinned to the paper / the authors' fine-tuning code (train_finetune.py,
-# configs/antmaze_finetune_config.py):
+# Settings pinned to the paper and the authors' fine-tuning config (configs/antmaze_finetune_config.py; their
+# train_finetune.py does not run as released: missing ConfigArgs fields, gumbel_log_loss given an `args` it
+# does not take):
 #   - X-QL-T per task (Table 4, values in parentheses): beta, loss clip, batch size, v-updates below.
 #   - 1M offline gradient steps, then 1M environment steps with one gradient step each
 #     (num_pretraining_steps = max_steps = 1e6), replay buffer = whole dataset + online data.

@@ -1,9 +1,13 @@
 """Shared checks of the Gumbel loss (Eq. 7 / 11, App. D.3), run against every script defining `gumbel_loss`.
 
-A script joins these checks automatically by defining a module-level `gumbel_loss(pred, target, beta, clip)`.
+A script joins these checks automatically by defining a module-level `gumbel_loss(pred, target, beta, clip, clip_mode)`;
+every check runs for both clip modes: "both" (z clamped to [-clip, clip], the authors' online code and App. D.3) and
+"upper" (z <= clip only, the authors' offline JAX code). Scripts defining `taylor_loss` (MXQL) and `clip_fraction`
+join the checks of those two functions the same way.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -14,6 +18,7 @@ from conftest import load_script, scripts_defining
 
 SCRIPTS = scripts_defining("gumbel_loss")
 NO_CLIP = math.inf
+CLIP_MODES = ("both", "upper")
 
 
 def test_every_algorithm_script_defines_gumbel_loss(root):
@@ -22,9 +27,21 @@ def test_every_algorithm_script_defines_gumbel_loss(root):
             assert name in SCRIPTS, f"{name}.py must define a module-level gumbel_loss"
 
 
-@pytest.fixture(params=SCRIPTS)
-def gumbel_loss(request):
-    return load_script(request.param).gumbel_loss
+@pytest.fixture(params=[(name, mode) for name in SCRIPTS for mode in CLIP_MODES], ids="{0[0]}-{0[1]}".format)
+def script_and_mode(request):
+    return request.param
+
+
+@pytest.fixture
+def clip_mode(script_and_mode):
+    return script_and_mode[1]
+
+
+@pytest.fixture
+def gumbel_loss(script_and_mode):
+    """The script's gumbel_loss with its clip mode bound: called as gumbel_loss(pred, target, beta, clip)."""
+    name, mode = script_and_mode
+    return functools.partial(load_script(name).gumbel_loss, clip_mode=mode)
 
 
 def log_mean_exp_reference(x: np.ndarray, beta: float) -> float:
@@ -38,6 +55,7 @@ def argmin_constant(loss_fn, x: torch.Tensor, beta: float, clip: float, iters: i
 
     The Gumbel loss is convex in h, so the derivative is monotone and bisection converges to the
     unique minimiser; the tolerance of the bracket after `iters` halvings is far below 1e-9.
+    The fourth argument is passed through: the clip for gumbel_loss, the order for taylor_loss.
     """
     lo, hi = float(x.min()) - 1.0, float(x.max()) + 1.0
     for _ in range(iters):
@@ -51,9 +69,10 @@ def argmin_constant(loss_fn, x: torch.Tensor, beta: float, clip: float, iters: i
     return 0.5 * (lo + hi)
 
 
-def plain_gumbel_loss(pred, target, beta, clip):
-    """Eq. 7 as written, without the max-normalisation of App. D.3 (same upper clip)."""
-    z = torch.clamp((target - pred) / beta, max=clip)
+def plain_gumbel_loss(pred, target, beta, clip, clip_mode):
+    """Eq. 7 as written, without the max-normalisation of App. D.3 (same clip, same clip mode)."""
+    z = (target - pred) / beta
+    z = torch.clamp(z, -clip, clip) if clip_mode == "both" else torch.clamp(z, max=clip)
     return (torch.exp(z) - z - 1).mean()
 
 
@@ -70,8 +89,14 @@ def test_minimiser_is_log_mean_exp(gumbel_loss, beta):
 
 
 @pytest.mark.parametrize("beta", [0.5, 2.0, 10.0])
-def test_gradient_descent_reaches_log_mean_exp(gumbel_loss, beta):
-    """Used as in training (Adam on a parameter, clip 7) it still lands on the soft maximum (tol 1e-2)."""
+def test_gradient_descent_reaches_log_mean_exp(gumbel_loss, clip_mode, beta):
+    """Used as in training (Adam on a parameter, clip 7) it still lands on the soft maximum (tol 1e-2).
+
+    Exception, by design of the two-sided clip: in "both" mode at beta 0.5 about half of the samples have z < -7 at
+    the optimum, their gradient is clipped away and the minimiser is no longer the soft maximum (it lies ~0.45
+    above it). There Adam must land (same tol 1e-2) on the minimiser of the clipped loss found by bisection, which
+    must differ from the soft maximum by more than 0.1.
+    """
     torch.manual_seed(0)
     x = torch.randn(256, dtype=torch.float64) * 2.0
     h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -83,7 +108,13 @@ def test_gradient_descent_reaches_log_mean_exp(gumbel_loss, beta):
         if step == 2000:
             for g in opt.param_groups:
                 g["lr"] = 0.005
-    assert h.item() == pytest.approx(log_mean_exp_reference(x.numpy(), beta), abs=1e-2)
+    soft_max = log_mean_exp_reference(x.numpy(), beta)
+    if (clip_mode, beta) == ("both", 0.5):
+        # clipped, the loss is not convex, but its gradient changes sign once here (checked on a grid when written)
+        assert h.item() == pytest.approx(argmin_constant(gumbel_loss, x, beta, 7.0), abs=1e-2)
+        assert h.item() > soft_max + 0.1
+    else:
+        assert h.item() == pytest.approx(soft_max, abs=1e-2)
 
 
 def test_lemma_3_1_interpolates_max_to_mean(gumbel_loss):
@@ -110,7 +141,7 @@ def test_loss_is_nonnegative_and_zero_only_at_zero(gumbel_loss):
 
 
 @pytest.mark.parametrize("beta", [0.2, 1.0, 5.0])
-def test_normalised_form_matches_plain_form(gumbel_loss, beta):
+def test_normalised_form_matches_plain_form(gumbel_loss, clip_mode, beta):
     """App. D.3: the max-normalised loss is the plain one times e^{-m}: same minimiser, same gradient signs."""
     rng = np.random.default_rng(2)
     target = torch.tensor(rng.normal(0.0, 1.0, 300), dtype=torch.float64)
@@ -118,7 +149,8 @@ def test_normalised_form_matches_plain_form(gumbel_loss, beta):
     gumbel_loss(pred, target, beta, 7.0).backward()
     stable_grad = pred.grad.clone()
     pred.grad = None
-    plain_gumbel_loss(pred, target, beta, 7.0).backward()
+    plain = functools.partial(plain_gumbel_loss, clip_mode=clip_mode)
+    plain(pred, target, beta, 7.0).backward()
     plain_grad = pred.grad.clone()
     nonzero = plain_grad.abs() > 1e-12
     assert torch.equal(torch.sign(stable_grad[nonzero]), torch.sign(plain_grad[nonzero]))
@@ -126,7 +158,7 @@ def test_normalised_form_matches_plain_form(gumbel_loss, beta):
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-9)  # one positive factor e^{-m}
     assert ratio[0] > 0
     h_stable = argmin_constant(gumbel_loss, target, beta, NO_CLIP)
-    h_plain = argmin_constant(plain_gumbel_loss, target, beta, NO_CLIP)
+    h_plain = argmin_constant(plain, target, beta, NO_CLIP)
     assert h_stable == pytest.approx(h_plain, abs=1e-8)
 
 
@@ -145,7 +177,8 @@ def test_finite_for_extreme_inputs(gumbel_loss, beta, clip, scale):
         assert loss >= -1e-6  # float32 cancellation in e^z - z - 1 for tiny z
 
 
-def test_copies_agree_across_scripts():
+@pytest.mark.parametrize("clip_mode", CLIP_MODES)
+def test_copies_agree_across_scripts(clip_mode):
     """The scripts repeat gumbel_loss on purpose (each file stands alone): the copies must agree."""
     if len(SCRIPTS) < 2:
         pytest.skip("fewer than two scripts define gumbel_loss")
@@ -154,9 +187,177 @@ def test_copies_agree_across_scripts():
     results = {}
     for name in SCRIPTS:
         p = pred.clone().requires_grad_(True)
-        loss = load_script(name).gumbel_loss(p, target, 0.7, 7.0)
+        loss = load_script(name).gumbel_loss(p, target, 0.7, 7.0, clip_mode)
         loss.backward()
         results[name] = (loss.detach(), p.grad)
     first = results[SCRIPTS[0]]
     for name, (loss, grad) in results.items():
         assert torch.equal(loss, first[0]) and torch.equal(grad, first[1]), name
+
+
+# ---- the two clip modes (issue 11, item 1) ----------------------------------------------------------------------------
+
+
+def per_sample_grad(loss_fn, pred, target, *args):
+    p = pred.clone().requires_grad_(True)
+    loss = loss_fn(p, target, *args)
+    loss.backward()
+    return loss.detach(), p.grad
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_clip_modes_differ_only_below_minus_clip(name):
+    """clip 2, beta 1. z < -clip (prediction far above its target): gradient exactly 0 with "both", with "upper" the
+    unclipped e^{-m}(1 - e^z)/(n beta) > 0 (descent lowers the prediction toward its target). z > clip: exactly 0 in
+    both modes. Inside [-clip, clip] (ends included) the modes agree bit for bit, in loss and gradient."""
+    loss_fn = load_script(name).gumbel_loss
+    clip, beta = 2.0, 1.0
+    target = torch.zeros(6, dtype=torch.float64)
+    pred = torch.tensor([5.0, 2.5, 0.5, -1.0, -3.0, -40.0], dtype=torch.float64)  # z = -5, -2.5, -0.5, 1, 3, 40
+    below, inside, above = slice(0, 2), slice(2, 4), slice(4, 6)
+    loss_both, grad_both = per_sample_grad(loss_fn, pred, target, beta, clip, "both")
+    loss_upper, grad_upper = per_sample_grad(loss_fn, pred, target, beta, clip, "upper")
+    assert torch.all(grad_both[below] == 0), grad_both
+    z = (target - pred)[below] / beta
+    m = clip  # max of the clipped z (the samples above the clip sit at +clip), > -1
+    expected = math.exp(-m) * (1 - torch.exp(z)) / (len(pred) * beta)
+    assert torch.all(grad_upper[below] > 0), grad_upper
+    assert torch.allclose(grad_upper[below], expected, rtol=1e-12, atol=0), (grad_upper, expected)
+    assert torch.all(grad_both[above] == 0) and torch.all(grad_upper[above] == 0), (grad_both, grad_upper)
+    assert torch.equal(grad_both[inside], grad_upper[inside])
+    assert torch.all(grad_both[inside] != 0)
+    assert loss_upper > loss_both  # e^z - z - 1 grows as z falls past -clip: the upper mode keeps it
+
+    # every z inside the closed interval: the two modes are the same function
+    pred = torch.linspace(-clip, clip, 41, dtype=torch.float64)  # z from +2 to -2, both ends included
+    target = torch.zeros_like(pred)
+    loss_both, grad_both = per_sample_grad(loss_fn, pred, target, beta, clip, "both")
+    loss_upper, grad_upper = per_sample_grad(loss_fn, pred, target, beta, clip, "upper")
+    assert torch.equal(loss_both, loss_upper) and torch.equal(grad_both, grad_upper)
+    assert torch.count_nonzero(grad_both) == len(pred) - 1  # only z = 0 has a zero gradient
+
+
+# ---- taylor_loss: the Maclaurin-expanded Gumbel loss of MXQL (issue 11, item 10) ---------------------------------------
+
+TAYLOR_SCRIPTS = scripts_defining("taylor_loss")
+CLIP_FRACTION_SCRIPTS = scripts_defining("clip_fraction")
+EVEN_ORDERS = (2, 4, 6, 8)
+
+
+def test_every_algorithm_script_defines_taylor_loss_and_clip_fraction(root):
+    for name in ("xql_offline", "xsac_continuous", "xtd3_continuous"):
+        if (root / f"{name}.py").exists():
+            assert name in TAYLOR_SCRIPTS, f"{name}.py must define a module-level taylor_loss"
+            assert name in CLIP_FRACTION_SCRIPTS, f"{name}.py must define a module-level clip_fraction"
+
+
+@pytest.fixture(params=TAYLOR_SCRIPTS)
+def taylor_loss(request):
+    return load_script(request.param).taylor_loss
+
+
+def skewed_sample() -> np.ndarray:
+    return np.random.default_rng(3).gumbel(0.0, 1.0, 500)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 3.0])
+def test_taylor_order_2_is_half_mse_minimised_by_the_mean(taylor_loss, beta):
+    """Order 2: mean(z^2 / 2), i.e. MSE / (2 beta^2), whose minimiser is the sample mean (tol 1e-6)."""
+    x = torch.tensor(skewed_sample(), dtype=torch.float64)
+    pred = torch.linspace(-1.0, 1.0, len(x), dtype=torch.float64)
+    expected = torch.nn.functional.mse_loss(pred, x) / (2 * beta**2)
+    assert taylor_loss(pred, x, beta, 2).item() == pytest.approx(expected.item(), rel=1e-12)
+    assert argmin_constant(taylor_loss, x, beta, 2) == pytest.approx(float(x.mean()), abs=1e-6)
+
+
+def test_taylor_minimiser_moves_from_mean_toward_log_mean_exp(taylor_loss):
+    """Skewed sample, beta 1: mean = argmin(order 2) < argmin(4) < argmin(6) < argmin(8) < beta log mean exp(x/beta);
+    each minimiser lies strictly between the previous one and the log-mean-exp."""
+    x = skewed_sample()
+    xt = torch.tensor(x, dtype=torch.float64)
+    soft_max = log_mean_exp_reference(x, 1.0)
+    minimisers = [argmin_constant(taylor_loss, xt, 1.0, order) for order in EVEN_ORDERS]
+    assert minimisers[0] == pytest.approx(x.mean(), abs=1e-6)
+    assert x.mean() + 0.5 < soft_max  # the sample is skewed enough for the orders to be told apart
+    for previous, current in zip(minimisers, minimisers[1:]):
+        assert previous < current < soft_max, (minimisers, soft_max)
+    assert soft_max - minimisers[-1] < minimisers[1] - minimisers[0]  # order 8 is nearer the soft max than 4 the mean
+
+
+@pytest.mark.parametrize("order", EVEN_ORDERS)
+def test_taylor_loss_is_convex_for_even_orders(taylor_loss, order):
+    """An even order's loss is convex in a constant h (its z-second derivative is an even-degree truncated exp > 0): the
+    derivative grows strictly along a grid far past the data, and bisection finds a point of zero gradient (a minimum)."""
+    x = torch.tensor(skewed_sample(), dtype=torch.float64)
+    hs = torch.linspace(float(x.min()) - 5.0, float(x.max()) + 5.0, 101, dtype=torch.float64)
+    slopes, values = [], []
+    for h in hs:
+        loss, grad = per_sample_grad(taylor_loss, torch.full_like(x, float(h)), x, 1.0, order)
+        slopes.append(grad.sum().item())
+        values.append(loss.item())
+    assert all(a < b for a, b in zip(slopes, slopes[1:])), order
+    assert slopes[0] < 0 < slopes[-1]
+    h_star = argmin_constant(taylor_loss, x, 1.0, order)
+    loss_star, grad_star = per_sample_grad(taylor_loss, torch.full_like(x, h_star), x, 1.0, order)
+    assert abs(grad_star.sum().item()) < 1e-9
+    assert loss_star.item() <= min(values)
+
+
+@pytest.mark.parametrize("order", EVEN_ORDERS)
+def test_taylor_copies_agree_across_scripts(order):
+    """The scripts repeat taylor_loss on purpose (each file stands alone): the copies must agree bit for bit."""
+    if len(TAYLOR_SCRIPTS) < 2:
+        pytest.skip("fewer than two scripts define taylor_loss")
+    torch.manual_seed(0)
+    pred, target = torch.randn(1000) * 3, torch.randn(1000) * 3
+    results = {name: per_sample_grad(load_script(name).taylor_loss, pred, target, 0.7, order) for name in TAYLOR_SCRIPTS}
+    first = results[TAYLOR_SCRIPTS[0]]
+    for name, (loss, grad) in results.items():
+        assert torch.equal(loss, first[0]) and torch.equal(grad, first[1]), name
+
+
+# ---- clip_fraction: the share of z beyond the clip (issue 11, item 11) -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CLIP_FRACTION_SCRIPTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_fraction_hand_made(name, dtype):
+    """beta 2, clip 1.5, z = -5, -1.6, -1.5, 0, 1, 1.5, 1.6, 50: z exactly at +-clip is not beyond it (its gradient
+    still flows). "upper" counts z > 1.5 (2 of 8), "both" also z < -1.5 (4 of 8)."""
+    clip_fraction = load_script(name).clip_fraction
+    diff = torch.tensor([-10.0, -3.2, -3.0, 0.0, 2.0, 3.0, 3.2, 100.0], dtype=dtype)  # target - pred
+    pred = torch.full_like(diff, 0.25, requires_grad=True)
+    target = pred.detach() + diff
+    assert ((target - pred.detach()) / 2.0).tolist() == pytest.approx([-5, -1.6, -1.5, 0, 1, 1.5, 1.6, 50], abs=1e-6)
+    assert clip_fraction(pred, target, 2.0, 1.5, "upper").item() == 0.25
+    assert clip_fraction(pred, target, 2.0, 1.5, "both").item() == 0.5
+    assert clip_fraction(pred, target, 2.0, math.inf, "both").item() == 0.0
+    assert clip_fraction(pred, target, 2.0, 0.5, "both").item() == 7 / 8  # all but z = 0
+    assert clip_fraction(pred, target, 2.0, 0.5, "upper").item() == 4 / 8  # z = 1, 1.5, 1.6, 50
+
+
+@pytest.mark.parametrize("name", sorted(set(CLIP_FRACTION_SCRIPTS) & set(SCRIPTS)))
+@pytest.mark.parametrize("clip_mode", CLIP_MODES)
+def test_clip_fraction_counts_the_samples_gumbel_loss_clips(name, clip_mode):
+    """On random data (no z = 0), clip_fraction is exactly the share of samples whose gumbel_loss gradient is zero."""
+    module = load_script(name)
+    torch.manual_seed(1)
+    pred, target = torch.randn(4000) * 3, torch.randn(4000) * 3
+    _, grad = per_sample_grad(module.gumbel_loss, pred, target, 0.5, 7.0, clip_mode)
+    fraction = module.clip_fraction(pred, target, 0.5, 7.0, clip_mode)
+    assert 0.05 < fraction.item() < 0.5  # the example does exercise the clip
+    clipped = int((grad == 0).sum())
+    assert abs(fraction.item() * len(pred) - clipped) < 1e-2, (fraction, clipped)  # the same count, exactly
+
+
+@pytest.mark.parametrize("clip_mode", CLIP_MODES)
+def test_clip_fraction_copies_agree_across_scripts(clip_mode):
+    """The scripts repeat clip_fraction on purpose: the copies must agree bit for bit."""
+    if len(CLIP_FRACTION_SCRIPTS) < 2:
+        pytest.skip("fewer than two scripts define clip_fraction")
+    torch.manual_seed(0)
+    pred, target = torch.randn(1000) * 3, torch.randn(1000) * 3
+    results = {name: load_script(name).clip_fraction(pred, target, 0.7, 7.0, clip_mode) for name in CLIP_FRACTION_SCRIPTS}
+    assert len(set(r.item() for r in results.values())) == 1 and 0 < results[CLIP_FRACTION_SCRIPTS[0]].item() < 1, results
+    for name, r in results.items():
+        assert torch.equal(r, results[CLIP_FRACTION_SCRIPTS[0]]), name

@@ -141,6 +141,19 @@ def test_dry_run_prints_commands_and_writes_nothing(tiny, tmp_path, capsys):
         assert f"--env-id {env_id} --seed 3 --out-dir {out}" in console
 
 
+def test_env_id_and_seed_placeholders_in_passed_flags(tiny, tmp_path, capsys):
+    """`{env_id}` and `{seed}` after `--` become each run's own (a per-dataset file, a per-seed folder)."""
+    script, out = tiny
+    status = load_runner().main(["--script", str(script), "--env-ids", *ENV_IDS, "--seeds", "3", "4", "--dry-run",
+                                 "--log-dir", str(tmp_path / "logs"), "--", "--out-dir", f"{out}/{{env_id}}_{{seed}}"])
+    console = capsys.readouterr().out
+    assert status == 0
+    for env_id in ENV_IDS:
+        for seed in (3, 4):
+            assert f"--env-id {env_id} --seed {seed} --out-dir {out}/{env_id}_{seed}" in console
+    assert "{env_id}" not in console and "{seed}" not in console
+
+
 def test_ctrl_c_stops_the_running_runs_and_still_summarises(tiny, tmp_path):
     script, out = tiny
     log_dir = tmp_path / "logs"

@@ -31,7 +31,7 @@ def load_summarize():
     return sys.modules["summarize"]
 
 
-def write_run(runs_dir, task, arm, seed, unix_time, steps, values, tag="charts/normalized_score"):
+def write_run(runs_dir, task, arm, seed, unix_time, steps, values, tag="eval/normalized_score"):
     run_dir = runs_dir / f"{task}__{arm}__{seed}__{unix_time}"
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n|seed|%d|" % seed)
@@ -192,13 +192,13 @@ def test_paper_name_matching():
 
 
 def test_finetuning_runs_get_their_own_rows(tmp_path):
-    """xql_offline.py --online-steps logs online/normalized_score: a Table 2 row beside the offline one."""
+    """xql_offline.py --online-steps logs finetune/normalized_score: a Table 2 row beside the offline one."""
     summarize = load_summarize()
     for seed in (1, 2):
         run_dir = write_run(tmp_path, "antmaze-umaze-v0", "xql-t", seed, 1_700_000_000, [1000, 2000], [80.0 + seed, 90.0 + seed])
         writer = SummaryWriter(str(run_dir))
         for step, value in ((500, 95.0), (1000, 97.0 + seed)):
-            writer.add_scalar("online/normalized_score", value, step)
+            writer.add_scalar("finetune/normalized_score", value, step)
         writer.close()
     out = tmp_path / "out"
     benchmarks = summarize.main([str(tmp_path), "--out", str(out / "t.md"), "--plot", str(out / "c.png"), "--bootstrap-reps", "10"])
@@ -210,3 +210,38 @@ def test_finetuning_runs_get_their_own_rows(tmp_path):
     table = (out / "t.md").read_text()
     assert "| X-QL-T 93.8 (Table 1) |" in table and "| X-QL-T 93.8 → 99.6 (Table 2) |" in table
     assert (out / "c.png").stat().st_size > 20_000
+
+
+def test_offline_runs_without_reference_scores_and_dataset_column(tmp_path):
+    """An xql_offline.py run on data of one's own logs raw eval returns and charts/actor_lr: it is grouped as offline
+    (x axis: gradient steps) and its results.json's dataset_return fills the Dataset column."""
+    summarize = load_summarize()
+    for seed in (1, 2):
+        run_dir = write_run(tmp_path, "hopper-replay", "xql", seed, 1_700_000_000, [500, 1000], [100.0 * seed, 200.0 * seed],
+                            tag="eval/episodic_return")
+        writer = SummaryWriter(str(run_dir))
+        writer.add_scalar("charts/actor_lr", 3e-4, 500)
+        writer.close()
+        (run_dir / "results.json").write_text(json.dumps({"dataset_return": 50.0 + seed, "dataset_normalized_score": None}))
+    out = tmp_path / "out"
+    benchmarks = summarize.main([str(tmp_path), "--out", str(out / "t.md"), "--bootstrap-reps", "10"])
+    assert [b["benchmark"] for b in benchmarks] == ["Other offline tasks (returns)"]
+    row = benchmarks[0]["rows"][0]
+    assert (row["final_mean"], row["dataset"]) == (300.0, 51.5)
+    table = (out / "t.md").read_text()
+    assert "| Task | Arm | Seeds | Steps | Final | Best | Dataset | Paper |" in table
+    assert "| hopper-replay | xql | 2 | 1k | 300.0 ± 100.0 | 300.0 ± 100.0 | 51.5 | — |" in table
+
+
+def test_plot_draws_runs_with_a_single_evaluation(tmp_path):
+    """One evaluation per run is one point per line: the panel must still show it (markers, not only lines)."""
+    from matplotlib.image import imread
+
+    summarize = load_summarize()
+    for seed in (1, 2, 3):
+        write_run(tmp_path, "Pendulum-v1", "xtd3", seed, 1_700_000_000, [10_000], [-150.0 - seed], tag="eval/episodic_return")
+    summarize.main([str(tmp_path), "--plot", str(tmp_path / "c.png"), "--bootstrap-reps", "10"])
+    pixels = imread(tmp_path / "c.png")[..., :3]
+    panel = pixels[: int(0.75 * len(pixels))]  # above the legend, which sits below the panel
+    blue = np.array([31, 119, 180]) / 255  # tab10's first colour, the only arm
+    assert (np.abs(panel - blue).max(axis=-1) < 0.05).sum() > 10  # the point is drawn
