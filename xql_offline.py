@@ -4,7 +4,7 @@ V(s) regresses min_i Q'_i(s, a) at dataset actions with the Gumbel loss (Eq. 11)
 beta log E_{a~data}[exp(Q / beta)] (Lemma 3.5): no action is sampled from the policy, none is out of distribution. Q
 regresses r + gamma V(s') (Eq. 14); the policy is extracted by advantage-weighted regression (Eq. 12), in IQL's style
 as the authors' code. `--value-loss expectile` is IQL (Table 1's baseline); `--online-steps` fine-tunes (Table 2).
-Paper: Sec. 3.2-3.5, App. D.3-D.4, Tables 1-4. The line where X-QL departs from IQL is marked "X-QL:" in `update`.
+Paper: Sec. 3.2-3.5, App. D.3-D.4, Tables 1-4. The line where X-QL departs from IQL is marked "X-QL:" in `update_value`.
 
 Usage: python xql_offline.py --env-id hopper-medium-v2 [--tuned] [--value-loss expectile --exp-name iql]
        python xql_offline.py --dataset-path buffer.hdf5 --eval-env-id Pendulum-v1   # a dataset of your own
@@ -58,13 +58,12 @@ class Args:
     seed: int = 1  # seed of python, numpy, torch and the environments
     torch_deterministic: bool = True  # set `torch.backends.cudnn.deterministic`
     cuda: bool = True  # use CUDA when it is available (the CPU otherwise)
-    compile: bool = False  # torch.compile the whole update (losses, backward, optimiser steps) and the policy
+    compile: bool = False  # torch.compile the update's two steps (losses, backward, optimiser steps) and the policy
     cudagraphs: bool = False  # CUDA only: compile with CUDA graphs (mode "reduce-overhead"); implies --compile
-    matmul_precision: Literal["highest", "high", "medium"] = "highest"  # medium: bfloat16 matmuls (AVX-512-BF16, CUDA)
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32 on CUDA; medium: bf16 autocast
     track: bool = False  # log the run to Weights & Biases (needs `pip install wandb`)
     wandb_project_name: str = "xql"  # the wandb project
     wandb_entity: str | None = None  # the wandb entity (team)
-
     # ---- data / environment ----
     env_id: str | None = None  # a D4RL name or a Minari id (has a `/`); default: hopper-medium-v2, or the file's name
     dataset_path: str | None = None  # a D4RL-format HDF5 file: a D4RL dataset's, or your own (e.g. from --save-buffer)
@@ -73,7 +72,6 @@ class Args:
     reward_norm: Literal["auto", "none", "returns", "antmaze"] = "auto"  # auto: the authors' rule on D4RL data, else none
     ref_min_score: float | None = None  # a random policy's return, for normalised scores (default: D4RL's)
     ref_max_score: float | None = None  # an expert policy's return, for normalised scores (default: D4RL's)
-
     # ---- algorithm ----
     value_loss: Literal["gumbel", "expectile", "taylor"] = "gumbel"  # X-QL (Eq. 11), IQL, or MXQL's loss
     tuned: bool = False  # per-dataset values of --tuned-table (X-QL-T) instead of the per-domain ones
@@ -98,7 +96,6 @@ class Args:
     tau: float = 0.005  # Polyak rate of the target critics
     hidden_dim: int = 256  # width of the two hidden layers of every network
     online_steps: int = 0  # then fine-tune for this many env steps, one update each (Table 2: 1M)
-
     # ---- logging / output ----
     runs_dir: str = "runs"  # parent folder of the run folders
     log_freq: int = 1000  # gradient steps between TensorBoard losses and console progress lines
@@ -176,10 +173,14 @@ def resolve_args(args: Args) -> Args:
     file_name = os.path.basename(args.dataset_path).rsplit(".", 1)[0] if args.dataset_path else None
     env_id = args.env_id or file_name or "hopper-medium-v2"
     close = ", ".join(difflib.get_close_matches(env_id, D4RL, 3) or ["hopper-medium-v2"])
+    folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))  # where d4rl keeps its downloads
+    url = D4RL[env_id]["url"] if env_id in D4RL else None
+    path = args.dataset_path or (os.path.join(folder, os.path.basename(url)) if url and not args.eval_only else None)
     rules = [
         (not (env_id in D4RL or "/" in env_id or args.dataset_path), f"unknown --env-id {env_id!r}: not a D4RL name "
          f"(e.g. {close}) nor a Minari id (which has a '/'); pass --dataset-path for a file of your own"),
-        (args.dataset_path and not os.path.isfile(args.dataset_path), f"--dataset-path {args.dataset_path!r} does not exist"),
+        (path and not os.path.isfile(path), f"--dataset-path {path!r} does not exist" if args.dataset_path else
+         f"{path} (the file of {env_id}) not found; download it with `wget -P {folder} {url}`, or pass --dataset-path"),
         (args.tuned and env_id not in TUNED, f"--tuned: no tuned values for {env_id!r}; the tables list {', '.join(TUNED)}"),
         (args.beta is not None and not args.beta > 0, "--beta must be > 0 (it divides Q - V in Eq. 11)"),
         (args.expectile is not None and not 0 < args.expectile < 1, "--expectile must be in (0, 1)"),
@@ -212,7 +213,8 @@ def resolve_args(args: Args) -> Args:
     # The cosine: where the domain's config has it, on every domain for IQL, never when fine-tuning (their configs).
     cosine = (table.pop("cosine") or args.value_loss == "expectile") and args.cosine_actor_lr and not args.online_steps
     filled = {key: value if getattr(args, key) is None else getattr(args, key) for key, value in table.items()}
-    return dataclasses.replace(args, **filled, env_id=env_id, cosine_actor_lr=cosine, compile=args.compile or args.cudagraphs)
+    return dataclasses.replace(args, **filled, env_id=env_id, dataset_path=path, cosine_actor_lr=cosine,
+                               compile=args.compile or args.cudagraphs)
 
 
 def read_hdf5(path: str) -> dict[str, np.ndarray]:
@@ -285,29 +287,20 @@ def load_minari(args: Args) -> tuple[dict, object, tuple]:
 
 
 def load_dataset(args: Args) -> dict:
-    """The transitions of --env-id or --dataset-path, preprocessed, with their eval env (an id or spec, or None and
-    why), reference returns, episode returns, reward transform and state statistics."""
+    """The transitions of --env-id or --dataset-path, preprocessed; their eval env (or why none), returns and transforms."""
     info = D4RL.get(args.env_id)
     if "/" in args.env_id and not args.dataset_path:
         data, spec, ref = load_minari(args)
         reason = None if spec else "the Minari dataset records no environment (pass --eval-env-id)"
     else:
-        path = args.dataset_path
-        if path is None:  # where d4rl itself keeps its downloads
-            folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
-            path = os.path.join(folder, os.path.basename(info["url"]))
-            if not os.path.isfile(path):
-                raise SystemExit(f"{PROG}: {path} (the file of {args.env_id}) not found; download it with `wget -P {folder} "
-                                 f"{info['url']}`, or pass --dataset-path.")
-        raw = read_hdf5(path)
+        raw = read_hdf5(args.dataset_path)  # a D4RL name's: where d4rl keeps its downloads (`resolve_args`)
         data, robot = qlearning_dataset(raw, info["max_episode_steps"] if info else 0), args.env_id.split("-")[0]
         spec = args.eval_env_id or (D4RL_EVAL_ENVS.get(robot) if info else raw["attrs"].get("env_id"))
         ref, reason = info["ref"] if info else (None, None), "pass --eval-env-id to evaluate"
         if info and not spec:
             reason = f"D4RL's {robot} observations match no gymnasium env (use Minari's D4RL datasets, or --eval-env-id)"
-    for key, value in data.items():
-        if not np.isfinite(value.astype(np.float64)).all():
-            raise SystemExit(f"{PROG}: {args.env_id}: the dataset's {key} contain NaN or inf values.")
+    for key in [key for key, value in data.items() if not np.isfinite(value.astype(np.float64)).all()]:
+        raise SystemExit(f"{PROG}: {args.env_id}: the dataset's {key} contain NaN or inf values.")
     returns = episode_returns(data)
     # The authors' (IQL's) preprocessing: halfcheetah/hopper/walker2d rewards x 1000 / (max - min return), antmaze - 1.
     norm, name = args.reward_norm, args.env_id.lower()
@@ -327,8 +320,7 @@ def load_dataset(args: Args) -> dict:
 
 
 def make_env(env_spec, seed: int, obs_mean: np.ndarray | float = 0.0, obs_std: np.ndarray | float = 1.0) -> gym.Env:
-    """An env of an id (or a Minari dataset's JSON spec), with the dataset's observation layout and statistics and actions
-    in [-1, 1]; seeded once."""
+    """An env of an id or a Minari JSON spec: the dataset's observation layout and statistics, actions in [-1, 1]; seeded."""
     warnings.filterwarnings("ignore", ".*is out of date", DeprecationWarning)  # v4: the D4RL layout, on purpose
     env_spec = gym.envs.registration.EnvSpec.from_json(env_spec) if env_spec.startswith("{") else env_spec
     try:
@@ -414,6 +406,14 @@ class ReplayBuffer:
         return Batch(self.obs[i], self.actions[i], self.rewards[i], self.next_obs[i], self.terminated[i])
 
 
+class FP32Linear(nn.Linear):
+    """A Linear layer run in fp32 under bf16 autocast (--matmul-precision medium): Q, V and actions keep fp32's precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layer_norm: bool = False, dropout: float = 0.0) -> nn.Sequential:
     """Two ReLU hidden layers, optionally LayerNorm before and dropout after each ReLU (the authors' MLP); orthogonal
     weights with gain sqrt(2), zero biases (IQL's `default_init`, which they use)."""
@@ -421,16 +421,15 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layer_norm: bool = False, dr
     for n_in in (in_dim, hidden_dim):
         layers += [nn.Linear(n_in, hidden_dim), *[nn.LayerNorm(hidden_dim, eps=1e-6)][:layer_norm], nn.ReLU()]
         layers += [nn.Dropout(dropout)] if dropout else []
-    net = nn.Sequential(*layers, nn.Linear(hidden_dim, out_dim))
-    for layer in net:
-        if isinstance(layer, nn.Linear):
-            nn.init.orthogonal_(layer.weight, math.sqrt(2))
-            nn.init.zeros_(layer.bias)
+    net = nn.Sequential(*layers, FP32Linear(hidden_dim, out_dim))  # the output layer in fp32 (--matmul-precision medium)
+    for layer in [layer for layer in net if isinstance(layer, nn.Linear)]:
+        nn.init.orthogonal_(layer.weight, math.sqrt(2))
+        nn.init.zeros_(layer.bias)
     return net
 
 
 class Actor(nn.Module):
-    """IQL's policy: a Gaussian with mean tanh(mu(s)), not squashed, and a state-independent log-std in [-5, 2]."""
+    """IQL's policy: a Gaussian, its mean tanh(mu(s)) (the action of evaluations), a state-independent log-std in [-5, 2]."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
@@ -438,15 +437,11 @@ class Actor(nn.Module):
         self.log_std = nn.Parameter(torch.zeros(action_dim))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """The mean: the deterministic action of evaluations."""
         return torch.tanh(self.net(obs))
 
-    def explore(self, obs: torch.Tensor) -> torch.Tensor:
-        """A sample clipped to [-1, 1]: fine-tuning's exploration (the authors' and IQL's)."""
-        return torch.distributions.Normal(self(obs), self.log_std.clamp(-5.0, 2.0).exp()).sample().clamp(-1.0, 1.0)
-
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return torch.distributions.Normal(self(obs), self.log_std.clamp(-5.0, 2.0).exp()).log_prob(actions).sum(-1)
+    def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        """AWR's likelihood (Eq. 12); its samples clipped to [-1, 1] explore while fine-tuning (the authors', IQL's)."""
+        return torch.distributions.Normal(self(obs), self.log_std.clamp(-5.0, 2.0).exp())
 
 
 class TwinCritic(nn.Module):
@@ -484,54 +479,59 @@ class Agent(nn.Module):
         self.critic_target.load_state_dict(self.critic.state_dict())
 
 
-LOSS_TAGS = ("losses/v_loss", "losses/q_loss", "losses/actor_loss", "values/v", "values/q", "values/advantage",
-             "values/clip_fraction")
+LOSS_TAGS = ("losses/v_loss", "values/v", "values/clip_fraction", "losses/q_loss", "losses/actor_loss", "values/q",
+             "values/advantage")
 
 
-def update(agent: Agent, optimizers: dict, batch: Batch, args: Args) -> torch.Tensor:
-    """One gradient step in IQL's order: V, the actor, Q, the target critics. Returns the LOSS_TAGS values, detached."""
-    with torch.no_grad():  # V's target: the min of the twin target critics at the dataset actions (Eq. 11, IQL)
-        q_data = agent.critic_target(batch.obs, batch.actions).min(dim=0).values
-        v_obs, v_target = batch.obs, q_data
-        if args.noise or args.sample_random_times:  # the authors' V-fitting augmentations (offline/critic.py `update_v`)
-            v_actions, times = batch.actions, args.sample_random_times
-            if args.noise:  # N(0, 0.1) clipped to +-0.5 on the dataset actions
-                v_actions = (v_actions + (0.1 * torch.randn_like(v_actions)).clamp(-0.5, 0.5)).clamp(-1.0, 1.0)
-            if times:  # and `times` uniform actions per state (their code fails with both on: a shape error)
-                v_obs = torch.cat([batch.obs, batch.obs.repeat_interleave(times, 0)])
-                uniform = torch.rand(len(batch.obs) * times, v_actions.shape[1], device=v_obs.device) * 2 - 1
-                v_actions = torch.cat([v_actions, uniform])
-            v_target = agent.critic_target(v_obs, v_actions).min(dim=0).values
-    for _ in range(args.num_v_updates):  # Table 4 "v_updates", on the same batch (the authors' code)
-        v = agent.value(v_obs)
-        if args.value_loss == "gumbel":  # X-QL: the one change from IQL. Eq. 11 fits V = beta log E_data[e^{Q/beta}]
-            v_loss = gumbel_loss(v, v_target, args.beta, args.loss_clip, args.clip_mode)
-        elif args.value_loss == "taylor":  # MXQL: the same target, the Maclaurin-expanded loss
-            v_loss = taylor_loss(v, v_target, args.beta, args.taylor_order)
-        else:  # IQL: the expectile loss |tau - 1(Q < V)| (Q - V)^2, an upper expectile of Q
-            v_loss = (torch.where(v_target > v, args.expectile, 1 - args.expectile) * (v_target - v).square()).mean()
-        optimizers["value"].zero_grad()
-        v_loss.backward()
-        optimizers["value"].step()
+def update_value(agent: Agent, optimizer: torch.optim.Optimizer, v_obs: torch.Tensor, v_target: torch.Tensor, args: Args):
+    """One V step toward a fixed target (see `update`). Returns [v_loss, mean V, clip fraction], detached."""
+    v = agent.value(v_obs)
+    if args.value_loss == "gumbel":  # X-QL: the one change from IQL. Eq. 11 fits V = beta log E_data[e^{Q/beta}]
+        v_loss = gumbel_loss(v, v_target, args.beta, args.loss_clip, args.clip_mode)
+    elif args.value_loss == "taylor":  # MXQL: the same target, the Maclaurin-expanded loss
+        v_loss = taylor_loss(v, v_target, args.beta, args.taylor_order)
+    else:  # IQL: the expectile loss |tau - 1(Q < V)| (Q - V)^2, an upper expectile of Q
+        v_loss = (torch.where(v_target > v, args.expectile, 1 - args.expectile) * (v_target - v).square()).mean()
+    optimizer.zero_grad()
+    v_loss.backward()
+    optimizer.step()
+    return torch.stack([v_loss, v.mean(), clip_fraction(v, v_target, args.beta, args.loss_clip, args.clip_mode)]).detach()
 
+
+def update_actor_critic(agent: Agent, optimizers: dict, batch: Batch, q_data: torch.Tensor, args: Args) -> torch.Tensor:
+    """The actor (Eq. 12) and Q (Eq. 14) from the updated V, then the target critics. Returns the rest of LOSS_TAGS."""
     with torch.no_grad():  # the updated V at s and s' in one pass, for the actor's advantage and Q's target
         v_now, v_next = agent.value(torch.cat([batch.obs, batch.next_obs])).chunk(2)
         advantage = q_data - v_now
         weights = torch.exp(advantage * args.awr_temperature).clamp(max=args.max_exp_advantage)  # Eq. 12, capped
         target_q = batch.rewards + args.gamma * (1.0 - batch.terminated) * v_next  # Eq. 14's target
-    actor_loss = -(weights * agent.actor.log_prob(batch.obs, batch.actions)).mean()  # Eq. 12: AWR
+    actor_loss = -(weights * agent.actor.dist(batch.obs).log_prob(batch.actions).sum(-1)).mean()  # Eq. 12: AWR
     q = agent.critic(batch.obs, batch.actions)
     q_loss = (q - target_q).pow(2).mean(dim=1).sum()  # Eq. 14, summed over the twin critics (IQL)
-    optimizers["actor"].zero_grad()
-    optimizers["critic"].zero_grad()
-    (actor_loss + q_loss).backward()  # disjoint parameters, detached targets: one backward serves both
-    optimizers["actor"].step()
-    optimizers["critic"].step()
-    with torch.no_grad():  # Polyak averaging of the target critics
-        for target_param, param in zip(agent.critic_target.parameters(), agent.critic.parameters()):
-            target_param.lerp_(param, args.tau)
-    fraction = clip_fraction(v, v_target, args.beta, args.loss_clip, args.clip_mode)
-    return torch.stack([v_loss, q_loss, actor_loss, v.mean(), q.mean(), advantage.mean(), fraction]).detach()
+    optimizers["actor_critic"].zero_grad()
+    (actor_loss + q_loss).backward()  # disjoint parameters, detached targets: one backward and one Adam serve both
+    optimizers["actor_critic"].step()
+    with torch.no_grad():  # Polyak averaging of the target critics, one op over all their tensors
+        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
+    return torch.stack([q_loss, actor_loss, q.mean(), advantage.mean()]).detach()
+
+
+def update(agent: Agent, optimizers: dict, batch: Batch, args: Args, value_step=update_value,
+           actor_critic_step=update_actor_critic) -> torch.Tensor:
+    """One gradient step in IQL's order: V (Table 4 "v_updates" steps on one batch and target, as the authors' code), the
+    actor, Q, the target critics; returns LOSS_TAGS' values. --compile compiles each step (Dynamo runs this loop eagerly)."""
+    with torch.no_grad():  # V's target: min_i Q'_i(s, a) of the twin target critics at the dataset actions (Eq. 11, IQL)
+        v_obs, v_actions, times = batch.obs, batch.actions, args.sample_random_times  # and the authors' augmentations:
+        if args.noise:  # N(0, 0.1) clipped to +-0.5 on the dataset actions (offline/critic.py `update_v`)
+            v_actions = (v_actions + (0.1 * torch.randn_like(v_actions)).clamp(-0.5, 0.5)).clamp(-1.0, 1.0)
+        if times:  # and `times` uniform actions per state (their code fails with both on: a shape error)
+            v_obs = torch.cat([batch.obs, batch.obs.repeat_interleave(times, 0)])
+            v_actions = torch.cat([v_actions, 2 * torch.rand_like(v_actions.repeat(times, 1)) - 1])
+        v_target = agent.critic_target(v_obs, v_actions).min(dim=0).values
+        q_data = agent.critic_target(batch.obs, batch.actions).min(dim=0).values if args.noise else v_target[: len(batch.obs)]
+    for _ in range(args.num_v_updates):
+        v_values = value_step(agent, optimizers["value"], v_obs, v_target, args)
+    return torch.cat([v_values, actor_critic_step(agent, optimizers, batch, q_data, args)])
 
 
 def log_progress(writer: SummaryWriter, values: dict, step: int, total: int, sps: float, last_eval: str) -> None:
@@ -640,7 +640,7 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_float32_matmul_precision(args.matmul_precision)
+    torch.set_float32_matmul_precision("highest" if args.matmul_precision == "medium" else args.matmul_precision)
     run_dir = os.path.join(args.runs_dir, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if args.track:
         import wandb
@@ -652,11 +652,12 @@ def main(args: Args) -> dict:
     buffer = ReplayBuffer(n + args.online_steps, obs_dim, action_dim, device)  # the dataset, then online data
     buffer.add(*(data[key] for key in ("observations", "actions", "rewards", "next_observations", "terminals")), np.zeros(n))
     agent = Agent(obs_dim, action_dim, args).to(device)
-    adam = partial(torch.optim.Adam, lr=torch.tensor(args.learning_rate), capturable=args.cudagraphs)
-    optimizers = {name: adam(getattr(agent, name).parameters()) for name in ("value", "actor", "critic")}
+    adam = partial(torch.optim.Adam, lr=args.learning_rate, capturable=args.cudagraphs, fused=True)
+    optimizers = {"value": adam(agent.value.parameters()),  # actor and critics: one Adam, a parameter group each
+                  "actor_critic": adam([{"params": agent.actor.parameters()}, {"params": agent.critic.parameters()}])}
     # The actor's lr decays to 0 over --max-steps by a cosine, as optax.cosine_decay_schedule in the authors' code.
-    cosine = lambda t: 0.5 * (1 + math.cos(math.pi * min(t, args.max_steps) / args.max_steps))  # noqa: E731
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizers["actor"], cosine if args.cosine_actor_lr else lambda t: 1.0)
+    cosine = lambda t: 0.5 + 0.5 * math.cos(math.pi * min(t / args.max_steps, 1)) if args.cosine_actor_lr else 1  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizers["actor_critic"], [cosine, lambda t: 1.0])  # actor, critics
     evaluations, online_evaluations, start = [], [], 0
     if resume:  # the random state and an episode in progress are not restored
         agent.load_state_dict(resume["agent"])
@@ -666,10 +667,10 @@ def main(args: Args) -> dict:
         buffer.add(*resume["online_rows"])
         evaluations, online_evaluations, start = resume["evaluations"], resume["online_evaluations"], resume["step"]
         print(f"{PROG}: resumed {args.resume} at step {start}")
-    update_fn, policy = update, agent.actor
-    if args.compile:
-        mode = "reduce-overhead" if args.cudagraphs else None
-        update_fn, policy = torch.compile(update, mode=mode), torch.compile(agent.actor, mode=mode)
+    compiled = partial(torch.compile, mode="reduce-overhead" if args.cudagraphs else None) if args.compile else lambda fn: fn
+    update_fn = partial(update, value_step=compiled(update_value), actor_critic_step=compiled(update_actor_critic))
+    update_fn = torch.autocast(device.type, torch.bfloat16, enabled=args.matmul_precision == "medium")(update_fn)
+    policy = compiled(agent.actor)
     train_env = make_env(data["env_spec"], args.seed, data["obs_mean"], data["obs_std"]) if args.online_steps else None
     obs, total = train_env.reset()[0] if train_env else None, args.max_steps + args.online_steps
     first_bad, last_finite = torch.zeros((), dtype=torch.long, device=device), snapshot(agent, args, start, {})
@@ -679,8 +680,7 @@ def main(args: Args) -> dict:
     for step in range(start + 1, total + 1):
         online_step = step - args.max_steps  # > 0 while fine-tuning (Table 2): one env step per update
         if online_step > 0:
-            with torch.no_grad():
-                action = agent.actor.explore(torch.as_tensor(obs, device=device).unsqueeze(0))[0].cpu().numpy()
+            action = agent.actor.dist(torch.as_tensor(obs, device=device).unsqueeze(0)).sample()[0].clamp(-1, 1).cpu().numpy()
             next_obs, reward, terminated, truncated, info = train_env.step(action)
             reward = reward * data["reward_scale"] + data["reward_shift"]  # the dataset's transform
             buffer.add([obs], [action], [reward], [next_obs], [terminated], [truncated])
@@ -699,7 +699,7 @@ def main(args: Args) -> dict:
             if first_bad.item():  # the host sync of a log interval
                 stop_on_nonfinite(run_dir, int(first_bad), last_finite)
             values = dict(zip(LOSS_TAGS, losses.tolist()))
-            values["charts/actor_lr"] = float(optimizers["actor"].param_groups[0]["lr"])
+            values["charts/actor_lr"] = optimizers["actor_critic"].param_groups[0]["lr"]
             last_finite = snapshot(agent, args, step, values)
             sps, log_time, log_step = (step - log_step) / (time.time() - log_time), time.time(), step
             log_progress(writer, values, step, total, sps, last_eval)
@@ -721,8 +721,8 @@ def main(args: Args) -> dict:
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent=agent.state_dict(), args=dataclasses.asdict(args),
                             step=step, optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
                             schedule=schedule.state_dict(), online_rows=online_rows, obs_mean=data["obs_mean"],
-                            obs_std=data["obs_std"], env_spec=data["env_spec"],
-                            ref=ref, evaluations=evaluations, online_evaluations=online_evaluations)
+                            obs_std=data["obs_std"], env_spec=data["env_spec"], ref=ref, evaluations=evaluations,
+                            online_evaluations=online_evaluations)
 
     # ---- final report ----
     writer.close()

@@ -61,18 +61,16 @@ class Args:
     cuda: bool = True  # use CUDA when it is available (the CPU otherwise)
     compile: bool = False  # torch.compile the whole update (losses, backward, optimiser steps) and the policy
     cudagraphs: bool = False  # CUDA only: compile with CUDA graphs (mode "reduce-overhead"); implies --compile
-    matmul_precision: Literal["highest", "high", "medium"] = "highest"  # medium: bfloat16 matmuls (AVX-512-BF16, CUDA)
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32 on CUDA; medium: bf16 autocast
     track: bool = False  # log the run to Weights & Biases (needs `pip install wandb`)
     wandb_project_name: str = "xql"  # the wandb project
     wandb_entity: str | None = None  # the wandb entity (team)
-
     # ---- environment ----
     env_id: str = "dm_control/cheetah-run-v0"  # a gymnasium id with a bounded Box action space, e.g. Pendulum-v1
     total_timesteps: int = 1_000_000  # env steps in total, summed over the --num-envs environments
     num_envs: int = 1  # envs stepped together; each iteration makes num_envs env steps and num_envs updates
     learning_starts: int = 5000  # uniformly random actions and no updates for this many env steps (init_steps)
     capture_video: bool = False  # record the evaluation episodes to runs/{run_name}/videos (needs moviepy)
-
     # ---- algorithm ----
     beta: float | None = None  # Gumbel temperature of Eq. 11; default: the task's --beta-table value, else 2
     beta_table: Literal["paper", "authors"] = "paper"  # default beta per task: Table 6 or the authors' sweep
@@ -92,7 +90,6 @@ class Args:
     autotune: bool = True  # tune alpha toward the target entropy -|A| (Table 5); --no-autotune keeps it fixed
     log_std_min: float = -5.0  # lower bound of the actor's log standard deviation
     log_std_max: float = 2.0  # upper bound of the actor's log standard deviation
-
     # ---- logging / output ----
     runs_dir: str = "runs"  # parent folder of the run folders
     log_freq: int = 1000  # env steps between TensorBoard losses and console progress lines
@@ -258,10 +255,18 @@ class ReplayBuffer:
         os.replace(f"{path}.tmp", path)
 
 
+class FP32Linear(nn.Linear):
+    """A Linear layer run in fp32 under bf16 autocast (--matmul-precision medium): Q, V and actions keep fp32's precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Two ReLU hidden layers; orthogonal weights and zero biases (the authors' `ortho_init: true`)."""
     net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                        nn.Linear(hidden_dim, out_dim))
+                        FP32Linear(hidden_dim, out_dim))
     for layer in net[::2]:
         nn.init.orthogonal_(layer.weight)
         nn.init.zeros_(layer.bias)
@@ -355,31 +360,27 @@ def update(agent: Agent, optimizers: dict, batch: Batch, update_actor: bool, upd
         v_loss = F.mse_loss(v, (q_policy - alpha * log_prob).detach())
     actor_loss = (alpha * log_prob - q_policy).mean()  # Eq. 13 with mu uniform: SAC's actor
     alpha_loss = -(agent.log_alpha.exp() * (log_prob.detach() - actions.shape[-1])).mean()  # toward entropy -|A|
-    # V, actor and alpha have disjoint parameters, cross terms detached: one backward (stray critic grads: zeroed next step).
-    stepped = ["value", "actor", "alpha"] if update_actor else ["value"]
-    for name in stepped:
-        optimizers[name].zero_grad()
+    # One backward serves V, actor and alpha (disjoint parameters, detached cross terms); stray critic grads: zeroed next.
+    optimizers["value"].zero_grad()
+    optimizers["actor_alpha"].zero_grad()
     (v_loss + actor_loss + alpha_loss if update_actor else v_loss).backward()
-    for name in stepped:
-        optimizers[name].step()
+    optimizers["value"].step()
+    if update_actor:  # compiled, the actor's gradient is zero, not None, on other steps: Adam would still move it
+        optimizers["actor_alpha"].step()
     if update_target:
-        with torch.no_grad():  # Polyak averaging of the V target
-            for target_param, param in zip(agent.value_target.parameters(), agent.value.parameters()):
-                target_param.lerp_(param, args.tau)
-    fraction = clip_fraction(v, q_policy, args.beta, args.loss_clip, args.clip_mode)
-    values = [q_loss, v_loss, actor_loss, alpha, alpha_loss, v.mean(), q.mean(), fraction, -log_prob.mean()]
-    return torch.stack(values).detach()
+        with torch.no_grad():  # Polyak averaging of the V target, one op over all its tensors
+            torch._foreach_lerp_(list(agent.value_target.parameters()), list(agent.value.parameters()), args.tau)
+    clipped = clip_fraction(v, q_policy, args.beta, args.loss_clip, args.clip_mode)
+    return torch.stack([q_loss, v_loss, actor_loss, alpha, alpha_loss, v.mean(), q.mean(), clipped, -log_prob.mean()]).detach()
 
 
 @torch.no_grad()
 def bellman_errors(agent: Agent, batch: Batch, gamma: float) -> np.ndarray:
     """App. D.2: r + gamma Q1(s', mean pi(s')) - Q1(s, a): the first critic, no target network, no entropy term."""
     next_q = agent.critic(batch.next_obs, agent.actor.mean_action(batch.next_obs))[0]
-    errors = batch.rewards + gamma * (1.0 - batch.terminated) * next_q - agent.critic(batch.obs, batch.actions)[0]
-    return errors.cpu().numpy()
+    return (batch.rewards + gamma * (1 - batch.terminated) * next_q - agent.critic(batch.obs, batch.actions)[0]).cpu().numpy()
 
 
-# ---- logging, checkpoints, the NaN stop ----
 def log_progress(writer: SummaryWriter, values: dict, step: int, total: int, sps: float, last_eval: str) -> None:
     """TensorBoard scalars and the console line `step N/M | SPS … | <losses> | last eval … | ETA h:mm:ss`."""
     for tag, value in {**values, "charts/SPS": sps}.items():
@@ -452,7 +453,7 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_float32_matmul_precision(args.matmul_precision)
+    torch.set_float32_matmul_precision("highest" if args.matmul_precision == "medium" else args.matmul_precision)
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
@@ -463,13 +464,12 @@ def main(args: Args) -> dict:
     eval_env = make_env(args.env_id, args.seed + 10_000, os.path.join(run_dir, "videos") if args.capture_video else None)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     agent = Agent(obs_dim, action_dim, args).to(device)
-    adam = partial(torch.optim.Adam, lr=args.learning_rate, capturable=args.cudagraphs)  # one lr for all (Table 5)
-    optimizers = {name: adam(getattr(agent, name).parameters()) for name in ("critic", "value", "actor")}
-    optimizers["alpha"] = adam([agent.log_alpha])  # with --no-autotune log alpha gets no gradient and stays put
-    update_fn, policy = update, agent.actor.sample
-    if args.compile:
-        mode = "reduce-overhead" if args.cudagraphs else None
-        update_fn, policy = torch.compile(update, mode=mode), torch.compile(agent.actor.sample, mode=mode)
+    adam = partial(torch.optim.Adam, lr=args.learning_rate, capturable=args.cudagraphs, fused=True)  # one lr (Table 5)
+    optimizers = {"critic": adam(agent.critic.parameters()), "value": adam(agent.value.parameters()),
+                  "actor_alpha": adam([*agent.actor.parameters(), agent.log_alpha])}  # --no-autotune: alpha stays
+    compiled = partial(torch.compile, mode="reduce-overhead" if args.cudagraphs else None) if args.compile else lambda fn: fn
+    update_fn = torch.autocast(device.type, torch.bfloat16, enabled=args.matmul_precision == "medium")(compiled(update))
+    policy = compiled(agent.actor.sample)
     capacity = min(args.buffer_size, args.total_timesteps) // args.num_envs * args.num_envs  # whole steps of every env
     buffer = ReplayBuffer(capacity, obs_dim, action_dim, device)
     envs.action_space.seed(args.seed)

@@ -15,7 +15,7 @@ Deviations (from the paper, or from the authors' code github.com/Div99/XQL, onli
   offline code), targets updated every 2nd update, 25000 random steps, 10 eval episodes every 10k steps; 2M env
   steps where our default is 1M. Exploration noise 0.05 for env ids with "hopper" (Table 5), else 0.1.
 - Ours: PyTorch's default init where they use orthogonal; plain MLPs for the twin critics (they stack them); time limits
-  bootstrap; off by default, `--critic-loss taylor` (MXQL), `--num-envs`, `--compile`.
+  bootstrap; off by default, `--critic-loss taylor` (MXQL), `--num-envs`, `--compile`, `--matmul-precision`.
 """
 
 import copy
@@ -61,18 +61,16 @@ class Args:
     cuda: bool = True  # use CUDA when it is available (the CPU otherwise)
     compile: bool = False  # torch.compile the whole update (losses, backward, optimiser steps) and the policy
     cudagraphs: bool = False  # CUDA only: compile with CUDA graphs (mode "reduce-overhead"); implies --compile
-    matmul_precision: Literal["highest", "high", "medium"] = "highest"  # medium: bfloat16 matmuls (AVX-512-BF16, CUDA)
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"  # high: TF32 on CUDA; medium: bf16 autocast
     track: bool = False  # log the run to Weights & Biases (needs `pip install wandb`)
     wandb_project_name: str = "xql"  # the wandb project
     wandb_entity: str | None = None  # the wandb entity (team)
-
     # ---- environment ----
     env_id: str = "dm_control/cheetah-run-v0"  # a gymnasium id with a bounded Box action space, e.g. Pendulum-v1
     total_timesteps: int = 1_000_000  # env steps in total, summed over the --num-envs environments
     num_envs: int = 1  # envs stepped together; each iteration makes num_envs env steps and num_envs updates
     learning_starts: int = 25_000  # uniformly random actions and no updates for this many env steps (init_steps)
     capture_video: bool = False  # record the evaluation episodes to runs/{run_name}/videos (needs moviepy)
-
     # ---- algorithm ----
     beta: float | None = None  # Gumbel temperature of Eq. 9; default: Table 6 for the task and arm, else 2 (DQ: 4)
     critic_loss: Literal["gumbel", "mse", "taylor"] = "gumbel"  # X-TD3 (Eq. 9), TD3, or MXQL's loss
@@ -91,7 +89,6 @@ class Args:
     exploration_noise: float | None = None  # std of the acting noise; default 0.1, 0.05 on hopper (Table 5)
     policy_noise: float = 0.2  # std of the target policy smoothing noise (Table 5 "Target Noise")
     noise_clip: float = 0.5  # the smoothing noise is clipped to [-noise_clip, noise_clip] (authors' code)
-
     # ---- logging / output ----
     runs_dir: str = "runs"  # parent folder of the run folders
     log_freq: int = 1000  # env steps between TensorBoard losses and console progress lines
@@ -258,10 +255,18 @@ class ReplayBuffer:
         os.replace(f"{path}.tmp", path)
 
 
+class FP32Linear(nn.Linear):
+    """A Linear layer run in fp32 under bf16 autocast (--matmul-precision medium): Q, V and actions keep fp32's precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Two ReLU hidden layers, PyTorch's default initialisation (Fujimoto's TD3, CleanRL)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                         nn.Linear(hidden_dim, out_dim))
+                         FP32Linear(hidden_dim, out_dim))
 
 
 class Actor(nn.Module):
@@ -333,11 +338,9 @@ def update(agent: Agent, optimizers: dict, batch: Batch, update_actor: bool, upd
         optimizers["actor"].step()
         agent.last_actor_loss.copy_(actor_loss.detach())
     if update_target:
-        with torch.no_grad():  # Polyak averaging of both targets
-            for target_param, param in zip(agent.actor_target.parameters(), agent.actor.parameters()):
-                target_param.lerp_(param, args.tau)
-            for target_param, param in zip(agent.critic_target.parameters(), agent.critic.parameters()):
-                target_param.lerp_(param, args.tau)
+        with torch.no_grad():  # Polyak averaging of both targets, one op over all their tensors
+            targets = [*agent.actor_target.parameters(), *agent.critic_target.parameters()]
+            torch._foreach_lerp_(targets, [*agent.actor.parameters(), *agent.critic.parameters()], args.tau)
     fraction = clip_fraction(q, target_q.expand_as(q), args.beta, args.loss_clip, args.clip_mode)
     return torch.stack([q_loss, agent.last_actor_loss, q.mean(), fraction]).detach()
 
@@ -346,11 +349,9 @@ def update(agent: Agent, optimizers: dict, batch: Batch, update_actor: bool, upd
 def bellman_errors(agent: Agent, batch: Batch, gamma: float) -> np.ndarray:
     """App. D.2: r + gamma Q1(s', pi(s')) - Q1(s, a): the first critic, no target network."""
     next_q = agent.critic(batch.next_obs, agent.actor(batch.next_obs))[0]
-    errors = batch.rewards + gamma * (1.0 - batch.terminated) * next_q - agent.critic(batch.obs, batch.actions)[0]
-    return errors.cpu().numpy()
+    return (batch.rewards + gamma * (1 - batch.terminated) * next_q - agent.critic(batch.obs, batch.actions)[0]).cpu().numpy()
 
 
-# ---- logging, checkpoints, the NaN stop ----
 def log_progress(writer: SummaryWriter, values: dict, step: int, total: int, sps: float, last_eval: str) -> None:
     """TensorBoard scalars and the console line `step N/M | SPS … | <losses> | last eval … | ETA h:mm:ss`."""
     for tag, value in {**values, "charts/SPS": sps}.items():
@@ -423,7 +424,7 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_float32_matmul_precision(args.matmul_precision)
+    torch.set_float32_matmul_precision("highest" if args.matmul_precision == "medium" else args.matmul_precision)
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
@@ -434,12 +435,11 @@ def main(args: Args) -> dict:
     eval_env = make_env(args.env_id, args.seed + 10_000, os.path.join(run_dir, "videos") if args.capture_video else None)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     agent = Agent(obs_dim, action_dim, args).to(device)
-    adam = partial(torch.optim.Adam, lr=args.learning_rate, capturable=args.cudagraphs)  # one lr for both (Table 5)
+    adam = partial(torch.optim.Adam, lr=args.learning_rate, capturable=args.cudagraphs, fused=True)  # one lr (Table 5)
     optimizers = {name: adam(getattr(agent, name).parameters()) for name in ("critic", "actor")}
-    update_fn, policy = update, agent.actor.explore
-    if args.compile:
-        mode = "reduce-overhead" if args.cudagraphs else None
-        update_fn, policy = torch.compile(update, mode=mode), torch.compile(agent.actor.explore, mode=mode)
+    compiled = partial(torch.compile, mode="reduce-overhead" if args.cudagraphs else None) if args.compile else lambda fn: fn
+    update_fn = torch.autocast(device.type, torch.bfloat16, enabled=args.matmul_precision == "medium")(compiled(update))
+    policy = compiled(agent.actor.explore)
     capacity = min(args.buffer_size, args.total_timesteps) // args.num_envs * args.num_envs  # whole steps of every env
     buffer = ReplayBuffer(capacity, obs_dim, action_dim, device)
     envs.action_space.seed(args.seed)

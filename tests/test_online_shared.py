@@ -447,9 +447,9 @@ def test_pairs_give_identical_results(first, second, tmp_path):
 
 
 SHARED = ("make_env", "final_observations", "evaluate", "gumbel_loss", "taylor_loss", "clip_fraction", "Batch",
-          "ReplayBuffer", "TwinCritic", "log_progress", "save_checkpoint", "load_checkpoint", "snapshot",
+          "ReplayBuffer", "FP32Linear", "TwinCritic", "log_progress", "save_checkpoint", "load_checkpoint", "snapshot",
           "stop_on_nonfinite", "crossed")
-OFFLINE_SHARED = ("gumbel_loss", "taylor_loss", "clip_fraction", "Batch", "TwinCritic", "evaluate", "log_progress",
+OFFLINE_SHARED = ("gumbel_loss", "taylor_loss", "clip_fraction", "Batch", "FP32Linear", "TwinCritic", "evaluate", "log_progress",
                   "save_checkpoint", "load_checkpoint", "snapshot", "stop_on_nonfinite", "ReplayBuffer.__init__",
                   "ReplayBuffer.add", "ReplayBuffer.sample")
 # No known differences: the shared pieces are byte-for-byte the same in every script that has them.

@@ -4,9 +4,11 @@
 Budget: about 1 minute on a 2-core CPU (tiny networks, a few hundred env steps per run).
 """
 import glob
+import math
 import os
 import subprocess
 import sys
+from functools import partial
 
 import h5py
 import numpy as np
@@ -58,11 +60,10 @@ def check_buffer_file(path: str, steps: int, obs_dim: int, action_dim: int, epis
 
 
 def make_optimizers(agent, args) -> dict:
-    """The optimisers as main builds them: one Adam per part, log alpha on its own."""
-    optimizers = {name: torch.optim.Adam(getattr(agent, name).parameters(), lr=args.learning_rate)
-                  for name in ("critic", "value", "actor")}
-    optimizers["alpha"] = torch.optim.Adam([agent.log_alpha], lr=args.learning_rate)
-    return optimizers
+    """The optimisers as main builds them: fused Adams on the critics, on V, and on the actor with log alpha."""
+    adam = partial(torch.optim.Adam, lr=args.learning_rate, fused=True)
+    return {"critic": adam(agent.critic.parameters()), "value": adam(agent.value.parameters()),
+            "actor_alpha": adam([*agent.actor.parameters(), agent.log_alpha])}
 
 
 def run_updates(update, steps: int, **overrides) -> torch.Tensor:
@@ -113,8 +114,9 @@ def test_dm_control_gumbel_end_to_end(tmp_path):
 
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert set(checkpoint) == {"agent", "args", "step", "optimizers"} and checkpoint["step"] == 300
-    assert set(checkpoint["optimizers"]) == {"critic", "value", "actor", "alpha"}
-    assert {int(o["state"][0]["step"]) for o in checkpoint["optimizers"].values()} == {201}  # 300 - 100 + 1 updates
+    assert set(checkpoint["optimizers"]) == {"critic", "value", "actor_alpha"}
+    steps = {int(state["step"]) for o in checkpoint["optimizers"].values() for state in o["state"].values()}
+    assert steps == {201}  # 300 - 100 + 1 updates, every parameter (the actor is updated every step by default)
     assert checkpoint["args"]["beta"] == 2.0 and checkpoint["args"]["env_id"] == "dm_control/cartpole-swingup-v0"
     agent = xsac.Agent(5, 1, xsac.Args(**checkpoint["args"]))
     agent.load_state_dict(checkpoint["agent"])  # every tensor (actor, critics, V, V target, log alpha) is there
@@ -251,53 +253,89 @@ def test_nan_stops_run_and_saves_last_finite_snapshot(tmp_path, monkeypatch):
         assert len(f["observations"]) == 110  # written on the way out, up to the step that stopped
 
 
+def fast_update(compile=False, medium=False):
+    """`update` as main builds it: compiled with --compile, under bf16 autocast with --matmul-precision medium."""
+    return torch.autocast("cpu", torch.bfloat16, enabled=medium)(torch.compile(xsac.update) if compile else xsac.update)
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_actor_and_alpha_move_only_on_actor_updates(compile):
+    """With the actor updated every 2nd step, the actor and log alpha change (and their Adam counts a step) only on
+    those steps, eager and compiled: compiled, their gradient on the other steps is a zero tensor, not None, and an
+    Adam stepped on it would still move them by its momentum."""
+    args = xsac.Args(hidden_dim=32, batch_size=32, beta=2.0, cuda=False)
+    torch.manual_seed(0)
+    agent = xsac.Agent(5, 1, args)
+    optimizers = make_optimizers(agent, args)
+    update = torch.compile(xsac.update) if compile else xsac.update
+    batch = xsac.Batch(torch.randn(32, 5), torch.rand(32, 1) * 2 - 1, torch.randn(32), torch.randn(32, 5), torch.zeros(32))
+    for step in range(6):
+        before = [p.clone() for p in [*agent.actor.parameters(), agent.log_alpha]]
+        update(agent, optimizers, batch, step % 2 == 0, False, args)
+        moved = [not torch.equal(p, old) for p, old in zip([*agent.actor.parameters(), agent.log_alpha], before)]
+        assert all(moved) if step % 2 == 0 else not any(moved), step
+    assert {int(state["step"]) for state in optimizers["value"].state.values()} == {6}
+    assert {int(state["step"]) for state in optimizers["actor_alpha"].state.values()} == {3}
+
+
 @pytest.mark.slow
 def test_compiled_update_matches_eager():
     """The whole update (losses, backward, optimiser steps, Polyak) compiled: same seed, same batches, its loss
-    vectors agree with eager to rtol 1e-4, atol 1e-5 over 6 updates (actor and V-target branches both taken).
+    vectors agree with eager to rtol 1e-4, atol 1e-5 over 6 updates (actor and V-target branches both taken). Dynamo
+    must have compiled graphs: a function it runs eagerly would pass the comparison and fail that check.
 
     The compiled graph draws its Gaussian noise with inductor's own generator unless `fallback_random`
     is set, so the test sets it; the remaining differences are float reassociation.
     """
+    import torch._dynamo
     import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
 
     eager = run_updates(xsac.update, 6)
+    torch._dynamo.reset()
+    counters.clear()
     with inductor_config.patch(fallback_random=True):
-        compiled = run_updates(torch.compile(xsac.update), 6)
+        compiled = run_updates(fast_update(compile=True), 6)
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])
     assert torch.isfinite(eager).all() and not torch.equal(eager[0], eager[-1])  # the parameters did change
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_medium_matmul_precision_close_to_fp32():
-    """--matmul-precision medium (bfloat16 matmuls where the hardware has them): the same 6 updates stay within
-    rtol 2e-2 / atol 1e-3 of fp32 (bf16 keeps 8 mantissa bits, ~4e-3 relative per product). Restores "highest"."""
-    seen = []
-
-    def update(*inputs):
-        seen.append(torch.get_float32_matmul_precision())
-        return xsac.update(*inputs)
-
-    fp32 = run_updates(update, 6)
-    try:
-        torch.set_float32_matmul_precision("medium")
-        medium = run_updates(update, 6)
-    finally:
-        torch.set_float32_matmul_precision("highest")
-    assert seen == ["highest"] * 6 + ["medium"] * 6
-    assert torch.isfinite(medium).all()
+def test_bf16_autocast_update_close_to_fp32():
+    """--matmul-precision medium: the update under bf16 autocast, each network's output layer in fp32 (FP32Linear).
+    The same 6 updates stay within rtol 2e-2 / atol 1e-3 of fp32 (bf16 keeps 8 mantissa bits, ~4e-3 relative per
+    rounded operand) and differ from them (the rounding is real). Under autocast the hidden layers compute in bf16;
+    Q, V and the actor's outputs in fp32."""
+    fp32 = run_updates(xsac.update, 6)
+    medium = run_updates(fast_update(medium=True), 6)
+    assert torch.isfinite(medium).all() and (medium - fp32).abs().max() > 1e-5
     torch.testing.assert_close(medium, fp32, rtol=2e-2, atol=1e-3)
+    agent, obs, actions = xsac.Agent(5, 1, xsac.Args(hidden_dim=32)), torch.randn(4, 5), torch.rand(4, 1)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert agent.value.net[0](obs).dtype == torch.bfloat16
+        outputs = agent.critic(obs, actions), agent.value(obs), *agent.actor(obs)
+    assert [out.dtype for out in outputs] == [torch.float32] * 4
 
 
-def test_matmul_precision_flag_through_main(tmp_path):
-    """main applies --matmul-precision for the run (and the test restores the process default afterwards)."""
-    try:
-        result = xsac.main(xsac.Args(env_id="Pendulum-v1", total_timesteps=120, learning_starts=100, eval_freq=0,
-                                     matmul_precision="medium", runs_dir=str(tmp_path / "runs"), **TINY))
-        assert torch.get_float32_matmul_precision() == "medium"
-    finally:
-        torch.set_float32_matmul_precision("highest")
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fast_path_through_main(tmp_path, monkeypatch, compile):
+    """--matmul-precision medium (and --compile) through `main`: the V loss is computed under bf16 autocast (seen
+    eagerly; compiled, Dynamo must have made graphs), the losses are finite, and torch's fp32 matmuls stay at
+    "highest" (its "medium" would round the fp32 output layers)."""
+    from torch._dynamo.utils import counters
+
+    seen, gumbel_loss = [], xsac.gumbel_loss
+    if not compile:
+        spy = lambda *a: seen.append(torch.is_autocast_enabled("cpu")) or gumbel_loss(*a)  # noqa: E731
+        monkeypatch.setattr(xsac, "gumbel_loss", spy)
+    counters.clear()
+    result = xsac.main(xsac.Args(env_id="Pendulum-v1", total_timesteps=120, learning_starts=100, eval_freq=0,
+                                 matmul_precision="medium", compile=compile, runs_dir=str(tmp_path / "runs"), **TINY))
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert seen == ([] if compile else [True] * 21)  # 120 - 100 + 1 updates
+    assert counters["stats"]["unique_graphs"] >= (2 if compile else 0)
     logged = scalars(result["run_dir"])
-    assert len(logged["losses/q_loss"]) == 1 and np.isfinite(logged["losses/q_loss"]).all()
+    assert len(logged["losses/q_loss"]) == 1 and all(math.isfinite(v) for v in logged["losses/q_loss"] + logged["losses/v_loss"])
 
 
 @pytest.mark.parametrize("overrides", [dict(clip_mode="upper", loss_clip=1.0), dict(clip_mode="both", loss_clip=0.05),
