@@ -137,11 +137,10 @@ TUNED = {
 
 def d4rl_datasets() -> dict[str, dict]:
     """D4RL name -> download URL (its file name: d4rl's), reference returns (d4rl/infos.py), max episode steps."""
-    table, refs = {}, {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
-    for robot, version in [(robot, version) for robot in refs for version in ("v1", "v2")]:
-        for kind in ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert"):
-            path = f"gym_mujoco_{version}/{robot}_{kind.replace('-', '_')}-{version}"
-            table[f"{robot}-{kind}-{version}"] = (path, refs[robot], 1000)
+    refs = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
+    kinds = ("random", "medium", "expert", "medium-replay", "full-replay", "medium-expert")
+    table = {f"{robot}-{kind}-{v}": (f"gym_mujoco_{v}/{robot}_{kind.replace('-', '_')}-{v}", ref, 1000)
+             for robot, ref in refs.items() for v in ("v1", "v2") for kind in kinds}
     mazes = {"umaze": ("u", False, False), "umaze-diverse": ("u", True, True), "medium-play": ("big", True, False),
              "medium-diverse": ("big", True, True), "large-play": ("hardest", True, False),
              "large-diverse": ("hardest", True, True)}
@@ -291,14 +290,14 @@ def load_dataset(args: Args) -> dict:
     info = D4RL.get(args.env_id)
     if "/" in args.env_id and not args.dataset_path:
         data, spec, ref = load_minari(args)
-        reason = None if spec else "the Minari dataset records no environment (pass --eval-env-id)"
+        why = None if spec else "the Minari dataset records no environment (pass --eval-env-id)"
     else:
         raw = read_hdf5(args.dataset_path)  # a D4RL name's: where d4rl keeps its downloads (`resolve_args`)
         data, robot = qlearning_dataset(raw, info["max_episode_steps"] if info else 0), args.env_id.split("-")[0]
         spec = args.eval_env_id or (D4RL_EVAL_ENVS.get(robot) if info else raw["attrs"].get("env_id"))
-        ref, reason = info["ref"] if info else (None, None), "pass --eval-env-id to evaluate"
+        ref, why = info["ref"] if info else (None, None), "pass --eval-env-id to evaluate"
         if info and not spec:
-            reason = f"D4RL's {robot} observations match no gymnasium env (use Minari's D4RL datasets, or --eval-env-id)"
+            why = f"D4RL's {robot} observations match no gymnasium env (use Minari's D4RL datasets, or --eval-env-id)"
     for key in [key for key, value in data.items() if not np.isfinite(value.astype(np.float64)).all()]:
         raise SystemExit(f"{PROG}: {args.env_id}: the dataset's {key} contain NaN or inf values.")
     returns = episode_returns(data)
@@ -311,12 +310,11 @@ def load_dataset(args: Args) -> dict:
     data["reward_shift"] = -1.0 if norm == "antmaze" else 0.0  # online rewards get the same transform
     data["rewards"] = data["rewards"] * data["reward_scale"] + data["reward_shift"]
     data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)  # a finite log-likelihood for the AWR actor (IQL)
-    mean, std = (data["observations"].mean(0), data["observations"].std(0) + 1e-3) if args.normalize_states else (0.0, 1.0)
+    mu, sd = (data["observations"].mean(0), data["observations"].std(0) + 1e-3) if args.normalize_states else (0.0, 1.0)
     for key in ("observations", "next_observations"):
-        data[key] = (data[key] - mean) / std
+        data[key] = (data[key] - mu) / sd
     ref = tuple(mine if mine is not None else theirs for mine, theirs in zip((args.ref_min_score, args.ref_max_score), ref))
-    return data | dict(obs_mean=mean, obs_std=std, env_spec=spec, ref=ref, returns=returns,
-                       no_eval_reason=None if spec else reason)
+    return data | dict(obs_mean=mu, obs_std=sd, env_spec=spec, ref=ref, returns=returns, no_eval_reason=None if spec else why)
 
 
 def make_env(env_spec, seed: int, obs_mean: np.ndarray | float = 0.0, obs_std: np.ndarray | float = 1.0) -> gym.Env:
@@ -559,17 +557,17 @@ def load_checkpoint(path: str | None) -> dict:
     return checkpoint
 
 
-def snapshot(agent: nn.Module, args, step: int, values: dict) -> dict:
-    """The parameters at a log interval whose losses were all finite: what a NaN stop saves."""
+def snapshot(agent: nn.Module, args, step: int, values: dict, **extra) -> dict:
+    """The parameters at a log interval whose losses were all finite, and `extra` to save with them: what a NaN stop saves."""
     state = {key: value.clone() for key, value in agent.state_dict().items()}
-    return {"agent": state, "args": dataclasses.asdict(args), "step": step, "values": values}
+    return {"agent": state, "args": dataclasses.asdict(args), "step": step, "values": values, **extra}
 
 
 def stop_on_nonfinite(run_dir: str, step: int, last_finite: dict) -> None:
     """App. D.6: X- variants occasionally blow up on outliers. Stop rather than train on NaN, keeping the
     parameters of the last log interval whose losses were all finite."""
     path = os.path.join(run_dir, "last_finite_checkpoint.pt")
-    save_checkpoint(path, agent=last_finite["agent"], args=last_finite["args"], step=last_finite["step"])
+    save_checkpoint(path, **{key: value for key, value in last_finite.items() if key != "values"})
     values = ", ".join(f"{tag.split('/')[1]}={value:.4g}" for tag, value in last_finite["values"].items()) or "none yet"
     raise SystemExit(f"{PROG}: a loss became NaN/inf at step {step}; last finite values (step {last_finite['step']}): "
                      f"{values}; parameters of step {last_finite['step']} saved to {path}. "
@@ -640,6 +638,7 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_flush_denormal(True)  # CPU math on denormal floats (tiny values near 0) is slow; flushed to 0 they cost nothing
     torch.set_float32_matmul_precision("highest" if args.matmul_precision == "medium" else args.matmul_precision)
     run_dir = os.path.join(args.runs_dir, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if args.track:
@@ -652,10 +651,11 @@ def main(args: Args) -> dict:
     buffer = ReplayBuffer(n + args.online_steps, obs_dim, action_dim, device)  # the dataset, then online data
     buffer.add(*(data[key] for key in ("observations", "actions", "rewards", "next_observations", "terminals")), np.zeros(n))
     agent = Agent(obs_dim, action_dim, args).to(device)
-    adam = partial(torch.optim.Adam, lr=args.learning_rate, capturable=args.cudagraphs, fused=True)
-    optimizers = {"value": adam(agent.value.parameters()),  # actor and critics: one Adam, a parameter group each
-                  "actor_critic": adam([{"params": agent.actor.parameters()}, {"params": agent.critic.parameters()}])}
-    # The actor's lr decays to 0 over --max-steps by a cosine, as optax.cosine_decay_schedule in the authors' code.
+    # Adams for V and for actor + critics (a group each), every lr its own tensor: the actor's cosine decay to 0 over
+    # --max-steps (optax.cosine_decay_schedule in the authors' code) changes it in place, recompiling no --compile graph.
+    adam = lambda *nets: torch.optim.Adam([{"params": m.parameters(), "lr": torch.tensor(args.learning_rate)} for m in nets],
+                                          capturable=args.cudagraphs, fused=True)  # noqa: E731
+    optimizers = {"value": adam(agent.value), "actor_critic": adam(agent.actor, agent.critic)}
     cosine = lambda t: 0.5 + 0.5 * math.cos(math.pi * min(t / args.max_steps, 1)) if args.cosine_actor_lr else 1  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizers["actor_critic"], [cosine, lambda t: 1.0])  # actor, critics
     evaluations, online_evaluations, start = [], [], 0
@@ -673,7 +673,8 @@ def main(args: Args) -> dict:
     policy = compiled(agent.actor)
     train_env = make_env(data["env_spec"], args.seed, data["obs_mean"], data["obs_std"]) if args.online_steps else None
     obs, total = train_env.reset()[0] if train_env else None, args.max_steps + args.online_steps
-    first_bad, last_finite = torch.zeros((), dtype=torch.long, device=device), snapshot(agent, args, start, {})
+    saved = {key: data[key] for key in ("obs_mean", "obs_std", "env_spec", "ref")}  # what --eval-only needs of the data
+    first_bad, last_finite = torch.zeros((), dtype=torch.long, device=device), snapshot(agent, args, start, {}, **saved)
     start_time, log_time, log_step, last_eval = time.time(), time.time(), start, "-"
 
     # ---- the loop: (when fine-tuning: act, store), update, log, evaluate ----
@@ -699,8 +700,8 @@ def main(args: Args) -> dict:
             if first_bad.item():  # the host sync of a log interval
                 stop_on_nonfinite(run_dir, int(first_bad), last_finite)
             values = dict(zip(LOSS_TAGS, losses.tolist()))
-            values["charts/actor_lr"] = optimizers["actor_critic"].param_groups[0]["lr"]
-            last_finite = snapshot(agent, args, step, values)
+            values["charts/actor_lr"] = float(optimizers["actor_critic"].param_groups[0]["lr"])
+            last_finite = snapshot(agent, args, step, values, **saved)
             sps, log_time, log_step = (step - log_step) / (time.time() - log_time), time.time(), step
             log_progress(writer, values, step, total, sps, last_eval)
         if evaluate_now and eval_env is not None:
@@ -720,9 +721,8 @@ def main(args: Args) -> dict:
                                                               buffer.terminated, buffer.truncated)]
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent=agent.state_dict(), args=dataclasses.asdict(args),
                             step=step, optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
-                            schedule=schedule.state_dict(), online_rows=online_rows, obs_mean=data["obs_mean"],
-                            obs_std=data["obs_std"], env_spec=data["env_spec"], ref=ref, evaluations=evaluations,
-                            online_evaluations=online_evaluations)
+                            schedule=schedule.state_dict(), online_rows=online_rows, evaluations=evaluations,
+                            online_evaluations=online_evaluations, **saved)
 
     # ---- final report ----
     writer.close()

@@ -105,10 +105,8 @@ class Args:
 
 # Table 6: beta of X-SAC per DM Control task. The authors' sweep (online/configs/sac_experiments.json) swaps
 # hopper and walker. Other tasks: 2, the most common X-SAC value of Table 6.
-BETA_TABLES = {
-    "paper": {"cheetah-run": 2.0, "walker-run": 1.0, "hopper-hop": 2.0, "quadruped-run": 5.0},
-    "authors": {"cheetah-run": 2.0, "walker-run": 2.0, "hopper-hop": 1.0, "quadruped-run": 5.0},
-}
+BETA_TABLES = {"paper": {"cheetah-run": 2.0, "walker-run": 1.0, "hopper-hop": 2.0, "quadruped-run": 5.0},
+               "authors": {"cheetah-run": 2.0, "walker-run": 2.0, "hopper-hop": 1.0, "quadruped-run": 5.0}}
 BETA_FALLBACK = 2.0
 
 
@@ -406,17 +404,17 @@ def load_checkpoint(path: str | None) -> dict:
     return checkpoint
 
 
-def snapshot(agent: nn.Module, args, step: int, values: dict) -> dict:
-    """The parameters at a log interval whose losses were all finite: what a NaN stop saves."""
+def snapshot(agent: nn.Module, args, step: int, values: dict, **extra) -> dict:
+    """The parameters at a log interval whose losses were all finite, and `extra` to save with them: what a NaN stop saves."""
     state = {key: value.clone() for key, value in agent.state_dict().items()}
-    return {"agent": state, "args": dataclasses.asdict(args), "step": step, "values": values}
+    return {"agent": state, "args": dataclasses.asdict(args), "step": step, "values": values, **extra}
 
 
 def stop_on_nonfinite(run_dir: str, step: int, last_finite: dict) -> None:
     """App. D.6: X- variants occasionally blow up on outliers. Stop rather than train on NaN, keeping the
     parameters of the last log interval whose losses were all finite."""
     path = os.path.join(run_dir, "last_finite_checkpoint.pt")
-    save_checkpoint(path, agent=last_finite["agent"], args=last_finite["args"], step=last_finite["step"])
+    save_checkpoint(path, **{key: value for key, value in last_finite.items() if key != "values"})
     values = ", ".join(f"{tag.split('/')[1]}={value:.4g}" for tag, value in last_finite["values"].items()) or "none yet"
     raise SystemExit(f"{PROG}: a loss became NaN/inf at step {step}; last finite values (step {last_finite['step']}): "
                      f"{values}; parameters of step {last_finite['step']} saved to {path}. "
@@ -453,6 +451,7 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_flush_denormal(True)  # CPU math on denormal floats (tiny values near 0) is slow; flushed to 0 they cost nothing
     torch.set_float32_matmul_precision("highest" if args.matmul_precision == "medium" else args.matmul_precision)
     if args.track:
         import wandb

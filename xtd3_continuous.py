@@ -103,10 +103,8 @@ class Args:
 
 
 # Table 6 (as the authors' td3_{2q,1q}_experiments.json): X-TD3 (twin critics) and X-TD3 - DQ (one critic); others: mode.
-BETA_TABLES = {
-    True: {"cheetah-run": 5.0, "walker-run": 2.0, "hopper-hop": 2.0, "quadruped-run": 5.0},
-    False: {"cheetah-run": 4.0, "walker-run": 4.0, "hopper-hop": 3.0, "quadruped-run": 20.0},
-}
+BETA_TABLES = {True: {"cheetah-run": 5.0, "walker-run": 2.0, "hopper-hop": 2.0, "quadruped-run": 5.0},
+               False: {"cheetah-run": 4.0, "walker-run": 4.0, "hopper-hop": 3.0, "quadruped-run": 20.0}}
 BETA_FALLBACK = {True: 2.0, False: 4.0}
 
 
@@ -332,7 +330,7 @@ def update(agent: Agent, optimizers: dict, batch: Batch, update_actor: bool, upd
     optimizers["critic"].step()
 
     if update_actor:  # delayed policy update: max E[Q_1(s, pi(s))], no entropy (Sec. 3.5; TD3, authors' code)
-        actor_loss = -agent.critic(batch.obs, agent.actor(batch.obs))[0].mean()
+        actor_loss = -agent.critic.nets[0](torch.cat([batch.obs, agent.actor(batch.obs)], -1)).mean()  # Q_1 only
         optimizers["actor"].zero_grad()
         actor_loss.backward()  # the critics receive gradients too; the next critic step zeroes them
         optimizers["actor"].step()
@@ -377,17 +375,17 @@ def load_checkpoint(path: str | None) -> dict:
     return checkpoint
 
 
-def snapshot(agent: nn.Module, args, step: int, values: dict) -> dict:
-    """The parameters at a log interval whose losses were all finite: what a NaN stop saves."""
+def snapshot(agent: nn.Module, args, step: int, values: dict, **extra) -> dict:
+    """The parameters at a log interval whose losses were all finite, and `extra` to save with them: what a NaN stop saves."""
     state = {key: value.clone() for key, value in agent.state_dict().items()}
-    return {"agent": state, "args": dataclasses.asdict(args), "step": step, "values": values}
+    return {"agent": state, "args": dataclasses.asdict(args), "step": step, "values": values, **extra}
 
 
 def stop_on_nonfinite(run_dir: str, step: int, last_finite: dict) -> None:
     """App. D.6: X- variants occasionally blow up on outliers. Stop rather than train on NaN, keeping the
     parameters of the last log interval whose losses were all finite."""
     path = os.path.join(run_dir, "last_finite_checkpoint.pt")
-    save_checkpoint(path, agent=last_finite["agent"], args=last_finite["args"], step=last_finite["step"])
+    save_checkpoint(path, **{key: value for key, value in last_finite.items() if key != "values"})
     values = ", ".join(f"{tag.split('/')[1]}={value:.4g}" for tag, value in last_finite["values"].items()) or "none yet"
     raise SystemExit(f"{PROG}: a loss became NaN/inf at step {step}; last finite values (step {last_finite['step']}): "
                      f"{values}; parameters of step {last_finite['step']} saved to {path}. "
@@ -424,6 +422,7 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_flush_denormal(True)  # CPU math on denormal floats (tiny values near 0) is slow; flushed to 0 they cost nothing
     torch.set_float32_matmul_precision("highest" if args.matmul_precision == "medium" else args.matmul_precision)
     if args.track:
         import wandb

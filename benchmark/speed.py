@@ -1,52 +1,81 @@
-"""Helper of benchmark/speed.sh: writes the synthetic dataset and reads the scripts' own SPS lines.
+"""Helper of benchmark/speed.sh: reads the output of ../shared/peers/side_by_side.sh and prints one table.
 
-    python benchmark/speed.py dataset PATH [N]      synthetic D4RL-format HDF5, Hopper shapes (obs 11, act 3)
-    python benchmark/speed.py parse SCRIPT LOGFILE  steps/s of one run, from its console progress lines
+    python benchmark/speed.py table MODE=FILE [MODE=FILE ...]   markdown table of ratios ours/peer
+    python benchmark/speed.py parse LOGFILE                     per-interval steps/s of one of our runs
 
-`parse` prints a markdown fragment `| median | best | intervals |` of the per-interval rates (every script
-prints the rate of its last log interval), leaving out the first interval (warm-up and, with --compile,
-the compilation).
+side_by_side.sh times a peer right before our script on the same inputs and prints `RESULT` lines (the peer's
+figure; ours: offline the best of our last 3 log intervals, online the median interval) and `ratio ours/peer`.
+The table keeps those figures and adds, from our run's log in side_by_side's work folder, the median of our
+log intervals (the first left out: warm-up and compilation), so that both rules can be read.
 """
 import os
 import re
 import statistics
 import sys
 
-import numpy as np
-
-
-def write_dataset(path: str, n: int = 100_000) -> None:
-    """Random transitions in D4RL's layout: episodes of 1000 steps ending in a timeout, no terminals."""
-    import h5py
-
-    rng = np.random.default_rng(0)
-    timeouts = np.zeros(n, dtype=bool)
-    timeouts[999::1000] = True
-    tmp = f"{path}.tmp"
-    with h5py.File(tmp, "w") as f:
-        f["observations"] = rng.normal(size=(n, 11)).astype(np.float32)
-        f["actions"] = rng.uniform(-1, 1, size=(n, 3)).astype(np.float32)
-        f["rewards"] = rng.normal(size=n).astype(np.float32)
-        f["terminals"] = np.zeros(n, dtype=bool)
-        f["timeouts"] = timeouts
-    os.replace(tmp, path)
+PAIRS = [  # (row label, peer's RESULT pattern, our RESULT pattern, our log in side_by_side's work folder)
+    ("offline, batch 256: authors' JAX X-QL vs xql_offline.py", r"authors-jax offline batch=256 steps/s=([\d.]+)",
+     r"xql_offline\.py batch=256 steps/s=([\d.]+)", "off_256.log"),
+    ("offline, batch 1024: authors' JAX X-QL vs xql_offline.py", r"authors-jax offline batch=1024 steps/s=([\d.]+)",
+     r"xql_offline\.py batch=1024 steps/s=([\d.]+)", "off_1024.log"),
+    ("online, Pendulum-v1: CleanRL SAC vs xsac_continuous.py", r"cleanrl algo=sac .*? sps=([\d.]+)",
+     r"xsac_continuous\.py SPS\(median\)=([\d.]+)", "sac.log"),
+    ("online, Pendulum-v1: CleanRL TD3 vs xtd3_continuous.py", r"cleanrl algo=td3 .*? sps=([\d.]+)",
+     r"xtd3_continuous\.py SPS\(median\)=([\d.]+)", "td3.log"),
+]
 
 
 def interval_rates(text: str) -> list[float]:
-    """Per-log-interval steps/s read from the progress lines of one run (the first interval left out)."""
-    return [float(sps) for sps in re.findall(r"step\s+\d+\S*\s+\|?\s*SPS\s+([\d.]+)", text)[1:]]
+    """Per-log-interval steps/s from a script's progress lines `step N/M | SPS x | ...`, the first left out."""
+    return [float(sps) for sps in re.findall(r"^step \d+/\d+ \| SPS ([\d.]+)", text, flags=re.M)[1:]]
+
+
+def read_run(path: str) -> dict:
+    """One side_by_side.sh output: header (date, load, work folder) and, per pair, peer, ours and our median."""
+    with open(path) as f:
+        text = f.read()
+    header = re.search(r"^# (\S+) (\d+) cores, load ([\d. ]+), work dir (\S+)", text, flags=re.M)
+    if header is None:
+        raise SystemExit(f"speed.py: {path} is not an output of side_by_side.sh (no '# <date> N cores' header).")
+    date, cores, load, work = header.groups()
+    rows = {}
+    for label, peer_pattern, ours_pattern, log in PAIRS:
+        peer, ours = re.search(peer_pattern, text), re.search(ours_pattern, text)
+        log_path = os.path.join(work, log)
+        rates = interval_rates(open(log_path).read()) if os.path.exists(log_path) else []
+        rows[label] = (float(peer.group(1)) if peer else None, float(ours.group(1)) if ours else None,
+                       statistics.median(rates) if rates else None)
+    return {"date": date, "cores": cores, "load": load.strip(), "rows": rows}
+
+
+def ratio(ours: float | None, peer: float | None) -> str:
+    return f"{ours / peer:.2f}" if ours and peer else "n/a"
+
+
+def table(runs: dict[str, dict]) -> str:
+    """Markdown: one row per pair and mode; peer, ours (side_by_side's rule), ratio, our median, ratio."""
+    lines = [f"- `{mode}`: side_by_side.sh at {run['date']}, {run['cores']} cores, load average {run['load']} (1/5/15 min)"
+             for mode, run in runs.items()]
+    lines += ["", "| pair | mode | peer steps/s | ours steps/s | ours / peer | ours, median interval | median / peer |",
+              "|---|---|---|---|---|---|---|"]
+    for label, *_ in PAIRS:
+        for mode, run in runs.items():
+            peer, ours, median = run["rows"][label]
+            cells = [f"{peer:.1f}" if peer else "failed", f"{ours:.1f}" if ours else "failed", ratio(ours, peer),
+                     f"{median:.1f}" if median else "n/a", ratio(median, peer)]
+            lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    if len(sys.argv) >= 3 and sys.argv[1] == "dataset":
-        write_dataset(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 100_000)
-    elif len(sys.argv) >= 4 and sys.argv[1] == "parse":
-        with open(sys.argv[3]) as f:
-            text = f.read()
-        rates = interval_rates(text)
-        print(f"| {statistics.median(rates):.1f} | {max(rates):.1f} | {len(rates)} |" if rates else "| n/a | n/a | 0 |")
+    if len(sys.argv) >= 3 and sys.argv[1] == "table" and all("=" in arg for arg in sys.argv[2:]):
+        print(table({mode: read_run(path) for mode, path in (arg.split("=", 1) for arg in sys.argv[2:])}))
+    elif len(sys.argv) == 3 and sys.argv[1] == "parse":
+        rates = interval_rates(open(sys.argv[2]).read())
+        print(f"median {statistics.median(rates):.1f}, best {max(rates):.1f} over {len(rates)} intervals" if rates
+              else "no progress lines")
     else:
-        raise SystemExit("speed.py: usage: speed.py dataset PATH [N] | speed.py parse SCRIPT LOGFILE")
+        raise SystemExit("speed.py: usage: speed.py table MODE=FILE [MODE=FILE ...] | speed.py parse LOGFILE")
 
 
 if __name__ == "__main__":

@@ -1,77 +1,55 @@
 #!/usr/bin/env bash
-# Steps per second of the three scripts, eager and --compile, at 256x256 networks (issue 6).
+# Speed against the peers, side by side in one run on one machine (issue 12).
 #
-#   bash benchmark/speed.sh                 # ~4-6 minutes on a 2-core CPU (more while torch.compile is cold); prints a markdown table
-#   QUICK=1 bash benchmark/speed.sh         # fewer steps (~2-3 minutes), noisier numbers
-#   PYTHON=python OUT=/tmp/speed bash benchmark/speed.sh
+#   bash benchmark/speed.sh                       # ~15 minutes on a quiet 2-core CPU
+#   MODES="eager" bash benchmark/speed.sh         # one mode only
+#   OUT=/tmp/speed PEERS_DIR=/tmp/peers bash benchmark/speed.sh
 #
-# Offline (xql_offline.py): gradient steps/s on a fixed synthetic D4RL-format HDF5 file (Hopper shapes,
-# obs 11 / act 3, 100k transitions, written by benchmark/speed.py), batch 256 and 1024.
-# Online (xsac_continuous.py, xtd3_continuous.py): env steps/s on Pendulum-v1 after --learning-starts,
-# one update per env step (the actor of X-TD3 every 2nd), batch 256. This includes the env step.
-# The rates are the scripts' own SPS progress lines: median over log intervals, the first left out
-# (warm-up, compilation); the best interval is shown too, as other processes on the machine slow some.
-# The table goes to stdout and to $OUT/speed.md; the run logs stay in $OUT.
+# Needs `make setup` and the peers built outside the repository (../shared/peers/README.md: the authors' JAX
+# X-QL and CleanRL's SAC/TD3, under $PEERS_DIR, default /tmp/peers). For each mode it runs
+# ../shared/peers/side_by_side.sh all, which times a peer right before our script on the same inputs:
+#   offline: the authors' Learner.update vs xql_offline.py, synthetic Hopper-shaped data, batch 256 and 1024;
+#   online:  CleanRL SAC / TD3 vs xsac / xtd3_continuous.py, Pendulum-v1, 10k env steps, 256 wide, batch 256.
+# Modes: eager = the default (fp32, no compile); fast = --compile --matmul-precision medium. Our runs log every
+# 100 steps (--log-freq 100) so that a median over intervals exists. The table (stdout and $OUT/speed.md) gives
+# side_by_side's figures and ratio, our median interval and its ratio, and the machine and load of each run.
+# Run it alone: another process on the 2 cores changes the figures by 2x.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-/tmp/venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=python
+PEERS=${PEERS_DIR:-/tmp/peers}
+SIDE_BY_SIDE=${SIDE_BY_SIDE:-../shared/peers/side_by_side.sh}
 OUT=${OUT:-$(mktemp -d /tmp/xql_speed.XXXXXX)}
-mkdir -p "$OUT"
-MODES=${MODES:-"eager compile"}
+MODES=${MODES:-"eager fast"}
+PYTHON=.venv/bin/python
 
-if [ "${QUICK:-0}" = "1" ]; then
-  OFF256=1200; OFF1024=360; ONLINE=2900
-else
-  OFF256=4200; OFF1024=1200; ONLINE=6500
+[ -x "$PYTHON" ] || { echo "speed.sh: no .venv here; run \`make setup\` first." >&2; exit 1; }
+[ -f "$SIDE_BY_SIDE" ] || { echo "speed.sh: $SIDE_BY_SIDE not found; set SIDE_BY_SIDE to the peers' side_by_side.sh." >&2; exit 1; }
+if [ ! -x "$PEERS/xql/venv/bin/python" ] || [ ! -d "$PEERS/cleanrl/venv" ]; then
+  echo "speed.sh: the peers are not built in $PEERS; build them as ../shared/peers/README.md says (setup.sh)." >&2
+  exit 1
 fi
-STARTS=500  # --learning-starts of the online runs (random actions, no updates)
+mkdir -p "$OUT"
 
-DATASET="$OUT/hopper-synthetic.hdf5"
-[ -f "$DATASET" ] || "$PYTHON" benchmark/speed.py dataset "$DATASET"
-
-rows=()
-run() {  # run SCRIPT MODE BATCH ARGS...
-  local script=$1 mode=$2 batch=$3
-  shift 3
-  local log="$OUT/${script%.py}_${mode}_b${batch}.log" flag=""
-  [ "$mode" = "compile" ] && flag="--compile"
-  echo "speed.sh: $script $mode batch $batch ..." >&2
-  local t0=$SECONDS
-  if "$PYTHON" "$script" $flag --no-cuda --runs-dir "$OUT/runs" --batch-size "$batch" --hidden-dim 256 "$@" >"$log" 2>&1; then
-    local sps
-    sps=$("$PYTHON" benchmark/speed.py parse "$script" "$log")
-  else
-    sps="| failed, see $log | | |"
-  fi
-  echo "speed.sh:   $sps median | best | intervals, steps/s ($((SECONDS - t0)) s wall)" >&2
-  rows+=("| \`$script\` | $mode | $batch $sps")
-}
-
-load_before=$(uptime | sed 's/.*load average: //')
+tables=()
 for mode in $MODES; do
-  run xql_offline.py "$mode" 256 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
-    --max-steps "$OFF256" --log-freq $((OFF256 / 6)) --eval-freq 0 --eval-episodes 1
-  run xql_offline.py "$mode" 1024 --env-id hopper-medium-v2 --dataset-path "$DATASET" \
-    --max-steps "$OFF1024" --log-freq $((OFF1024 / 6)) --eval-freq 0 --eval-episodes 1
-  run xsac_continuous.py "$mode" 256 --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
-    --learning-starts "$STARTS" --log-freq $(((ONLINE - STARTS) / 6)) --eval-freq 1000000 --eval-episodes 1
-  run xtd3_continuous.py "$mode" 256 --env-id Pendulum-v1 --total-timesteps "$ONLINE" \
-    --learning-starts "$STARTS" --log-freq $(((ONLINE - STARTS) / 6)) --eval-freq 1000000 --eval-episodes 1
+  case $mode in
+    eager) flags=() ;;
+    fast) flags=(--compile --matmul-precision medium) ;;
+    *) echo "speed.sh: unknown mode '$mode' (eager, fast)." >&2; exit 1 ;;
+  esac
+  echo "speed.sh: $mode: side_by_side.sh all --log-freq 100 ${flags[*]} ..." >&2
+  PEERS_DIR=$PEERS bash "$SIDE_BY_SIDE" all --log-freq 100 "${flags[@]}" | tee "$OUT/side_by_side_$mode.txt" >&2
+  tables+=("$mode=$OUT/side_by_side_$mode.txt")
 done
-load_after=$(uptime | sed 's/.*load average: //')
 
 cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
-threads=$("$PYTHON" -c "import torch; print(torch.get_num_threads(), torch.__version__)")
 {
-  echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores, no GPU used (\`--no-cuda\`); torch ${threads#* } with ${threads%% *} threads."
-  echo "Load average (1/5/15 min) before: $load_before; after: $load_after. $(date -u '+%Y-%m-%d %H:%M UTC')."
-  echo "Offline: gradient steps/s on a synthetic Hopper-shaped HDF5 file ($OFF256 / $OFF1024 steps)."
-  echo "Online: env steps/s on Pendulum-v1 with one update per env step ($ONLINE steps, updates from $STARTS)."
+  echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores, no GPU; torch $("$PYTHON" -c 'import torch; print(torch.__version__)')."
+  echo "Ours: offline the best of our last 3 log intervals, online the median (side_by_side.sh's rules); also the"
+  echo "median of our log intervals, the first (warm-up, compilation) left out. Peers: the authors' code, steps over"
+  echo "time after its first (compiled) step; CleanRL, its last charts/SPS (global step / time, random phase included)."
   echo
-  echo "| script | mode | batch | steps/s (median) | best interval | intervals |"
-  echo "|---|---|---|---|---|---|"
-  printf '%s\n' "${rows[@]}"
+  "$PYTHON" benchmark/speed.py table "${tables[@]}"
 } | tee "$OUT/speed.md"
-echo "speed.sh: table in $OUT/speed.md, logs in $OUT" >&2
+echo "speed.sh: table in $OUT/speed.md, side_by_side.sh outputs in $OUT" >&2

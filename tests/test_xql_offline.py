@@ -747,6 +747,34 @@ def test_nonfinite_loss_keeps_the_last_finite_interval(tmp_path, monkeypatch):
     assert all(math.isfinite(float(message.split(f"{name}=")[1].split(",")[0])) for name in ("v_loss", "q_loss"))
 
 
+def test_last_finite_checkpoint_serves_eval_only(tmp_path, monkeypatch):
+    """What a NaN stop saves is a checkpoint --eval-only can use: the last finite parameters with the data's state
+    statistics (here --normalize-states, which the eval env must apply), eval env and reference returns."""
+    path = write_d4rl_file(tmp_path / "hopper_medium-v2.hdf5")
+    sample, calls = xql.ReplayBuffer.sample, []
+
+    def poisoned(self, batch_size):
+        calls.append(1)
+        batch = sample(self, batch_size)
+        return batch._replace(rewards=torch.full_like(batch.rewards, 1e37)) if len(calls) > 60 else batch
+
+    monkeypatch.setattr(xql.ReplayBuffer, "sample", poisoned)
+    common = dict(env_id="hopper-medium-v2", dataset_path=str(path), normalize_states=True)
+    with pytest.raises(SystemExit, match="a loss became NaN/inf at step 61"):
+        xql.main(xql.Args(runs_dir=str(tmp_path / "runs"), max_steps=200, eval_freq=0, **common, **TINY))
+    monkeypatch.setattr(xql.ReplayBuffer, "sample", sample)
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    saved = torch.load(run_dir / "last_finite_checkpoint.pt", weights_only=False)
+    data = xql.load_dataset(xql.resolve_args(xql.Args(**common)))
+    assert saved["step"] == 50 and "values" not in saved and saved["env_spec"] == "Hopper-v4" and saved["ref"] == HOPPER_REF
+    np.testing.assert_array_equal(saved["obs_mean"], data["obs_mean"])
+    np.testing.assert_array_equal(saved["obs_std"], data["obs_std"])
+    assert np.abs(data["obs_mean"]).max() > 0 and np.abs(data["obs_std"] - 1).max() > 0  # the statistics are real ones
+    evaluated = xql.main(xql.Args(eval_only=True, checkpoint=str(run_dir / "last_finite_checkpoint.pt"), eval_episodes=1,
+                                  cuda=False))
+    assert len(evaluated["returns"]) == 1 and math.isfinite(evaluated["normalized_score"])
+
+
 # --------------------------------------------------------------------------------------------------
 # Fast path (issue 12): compiled update and bf16 matmuls against eager fp32, through real updates
 # --------------------------------------------------------------------------------------------------
