@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Speed against the peers, side by side in one run on one machine (issue 12).
 #
-#   bash benchmark/speed.sh                       # ~15 minutes on a quiet 2-core CPU
-#   MODES="eager" bash benchmark/speed.sh         # one mode only
+#   bash benchmark/speed.sh                       # ~45 minutes on a quiet 2-core CPU (3 repeats)
+#   REPEATS=1 MODES="eager" bash benchmark/speed.sh   # one run of one mode (~7 minutes)
 #   OUT=/tmp/speed PEERS_DIR=/tmp/peers bash benchmark/speed.sh
 #
 # Needs `make setup` and the peers built outside the repository (../shared/peers/README.md: the authors' JAX
@@ -11,9 +11,10 @@
 #   offline: the authors' Learner.update vs xql_offline.py, synthetic Hopper-shaped data, batch 256 and 1024;
 #   online:  CleanRL SAC / TD3 vs xsac / xtd3_continuous.py, Pendulum-v1, 10k env steps, 256 wide, batch 256.
 # Modes: eager = the default (fp32, no compile); fast = --compile --matmul-precision medium. Our runs log every
-# 100 steps (--log-freq 100) so that a median over intervals exists. The table (stdout and $OUT/speed.md) gives
-# side_by_side's figures and ratio, our median interval and its ratio, and the machine and load of each run.
-# Run it alone: another process on the 2 cores changes the figures by 2x.
+# 100 steps (--log-freq 100) so that a median over intervals exists. Modes alternate, REPEATS times (default 3):
+# peers and ours swing by 20% and more between runs minutes apart, so one run decides nothing. The table (stdout
+# and $OUT/speed.md) gives per pair and mode the median ratio over the repeats and its range, then every run:
+# side_by_side's figures and ratio, our median interval and its ratio, the load. Run it alone.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ PEERS=${PEERS_DIR:-/tmp/peers}
 SIDE_BY_SIDE=${SIDE_BY_SIDE:-../shared/peers/side_by_side.sh}
 OUT=${OUT:-$(mktemp -d /tmp/xql_speed.XXXXXX)}
 MODES=${MODES:-"eager fast"}
+REPEATS=${REPEATS:-3}
 PYTHON=.venv/bin/python
 
 [ -x "$PYTHON" ] || { echo "speed.sh: no .venv here; run \`make setup\` first." >&2; exit 1; }
@@ -32,15 +34,18 @@ fi
 mkdir -p "$OUT"
 
 tables=()
-for mode in $MODES; do
-  case $mode in
-    eager) flags=() ;;
-    fast) flags=(--compile --matmul-precision medium) ;;
-    *) echo "speed.sh: unknown mode '$mode' (eager, fast)." >&2; exit 1 ;;
-  esac
-  echo "speed.sh: $mode: side_by_side.sh all --log-freq 100 ${flags[*]} ..." >&2
-  PEERS_DIR=$PEERS bash "$SIDE_BY_SIDE" all --log-freq 100 "${flags[@]}" | tee "$OUT/side_by_side_$mode.txt" >&2
-  tables+=("$mode=$OUT/side_by_side_$mode.txt")
+for repeat in $(seq "$REPEATS"); do
+  for mode in $MODES; do
+    case $mode in
+      eager) flags=() ;;
+      fast) flags=(--compile --matmul-precision medium) ;;
+      *) echo "speed.sh: unknown mode '$mode' (eager, fast)." >&2; exit 1 ;;
+    esac
+    echo "speed.sh: run $repeat/$REPEATS, $mode: side_by_side.sh all --log-freq 100 ${flags[*]} ..." >&2
+    out="$OUT/side_by_side_${mode}_$repeat.txt"
+    PEERS_DIR=$PEERS bash "$SIDE_BY_SIDE" all --log-freq 100 "${flags[@]}" | tee "$out" >&2
+    tables+=("$mode=$out")
+  done
 done
 
 cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)

@@ -42,22 +42,29 @@ def side_by_side_output(tmp_path, name, peer, ours, logs):
 
 
 def test_speed_table_ratios_and_medians(tmp_path):
-    """Ratios ours/peer by side_by_side's figures and by our median log interval (the first interval left out);
-    a failed run reads `failed`, a missing log `n/a`; each mode's header line names its load."""
+    """Per run: ratios ours/peer by side_by_side's figures and by our median log interval (the first interval left out);
+    a failed run reads `failed`, a missing log `n/a`. Per mode: the median ratio over the repeats and its range."""
     eager = side_by_side_output(tmp_path, "eager", (100, 50, 200, 300), (120, 55, 180, "failed"),
                                 {"off_256.log": [10, 110, 130, 120], "sac.log": [999, 150, 170]})
     fast = side_by_side_output(tmp_path, "fast", (110, 40, 190, 310), (165, 60, 285, 400), {"off_256.log": [5, 160, 170]})
+    fast2 = side_by_side_output(tmp_path, "fast2", (100, 40, 190, 310), (130, 60, 285, 400), {})
+    fast3 = side_by_side_output(tmp_path, "fast3", (100, 40, 190, 310), (140, 60, 285, 400), {})
     done = subprocess.run([sys.executable, str(ROOT / "benchmark" / "speed.py"), "table", f"eager={eager}",
-                           f"fast={fast}"], capture_output=True, text=True, check=True)
-    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
-            for line in done.stdout.splitlines() if line.startswith("| offline") or line.startswith("| online")}
+                           f"fast={fast}", f"fast={fast2}", f"fast={fast3}"], capture_output=True, text=True, check=True)
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+             if line.startswith("| offline") or line.startswith("| online")]
+    summary = {(c[0], c[1]): c[2:] for c in cells if len(c) == 5}
+    runs = {(c[0], c[1]): c[2:] for c in cells if len(c) == 7}
     b256 = "offline, batch 256: authors' JAX X-QL vs xql_offline.py"
-    assert rows[(b256, "eager")] == ["100.0", "120.0", "1.20", "120.0", "1.20"]  # median of 110, 130, 120
-    assert rows[(b256, "fast")] == ["110.0", "165.0", "1.50", "165.0", "1.50"]
-    assert rows[("offline, batch 1024: authors' JAX X-QL vs xql_offline.py", "fast")] == ["40.0", "60.0", "1.50", "n/a", "n/a"]
-    assert rows[("online, Pendulum-v1: CleanRL SAC vs xsac_continuous.py", "eager")] == ["200.0", "180.0", "0.90", "160.0", "0.80"]
-    assert rows[("online, Pendulum-v1: CleanRL TD3 vs xtd3_continuous.py", "eager")][:3] == ["300.0", "failed", "n/a"]
-    assert "load average 0.51 0.84 0.87" in done.stdout and len(rows) == 8
+    assert runs[(b256, "eager, 1")] == ["100.0", "120.0", "1.20", "120.0", "1.20"]  # median of 110, 130, 120
+    assert runs[(b256, "fast, 2")] == ["110.0", "165.0", "1.50", "165.0", "1.50"]
+    assert runs[("offline, batch 1024: authors' JAX X-QL vs xql_offline.py", "fast, 2")] == ["40.0", "60.0", "1.50", "n/a", "n/a"]
+    assert runs[("online, Pendulum-v1: CleanRL SAC vs xsac_continuous.py", "eager, 1")] == ["200.0", "180.0", "0.90", "160.0", "0.80"]
+    assert runs[("online, Pendulum-v1: CleanRL TD3 vs xtd3_continuous.py", "eager, 1")][:3] == ["300.0", "failed", "n/a"]
+    assert summary[(b256, "fast")] == ["3", "**1.40** (1.30–1.50)", "**1.50**"]  # ratios 1.50, 1.30, 1.40; one median interval
+    assert summary[(b256, "eager")] == ["1", "**1.20**", "**1.20**"]
+    assert summary[("online, Pendulum-v1: CleanRL TD3 vs xtd3_continuous.py", "eager")] == ["1", "n/a", "n/a"]
+    assert "load average 0.51 0.84 0.87" in done.stdout and len(runs) == 16 and len(summary) == 8
 
 
 def test_speed_table_refuses_other_files(tmp_path):
