@@ -318,7 +318,7 @@ def load_dataset(args: Args) -> dict:
 
 
 def make_env(env_spec, seed: int, obs_mean: np.ndarray | float = 0.0, obs_std: np.ndarray | float = 1.0) -> gym.Env:
-    """An env of an id or a Minari JSON spec: the dataset's observation layout and statistics, actions in [-1, 1]; seeded."""
+    """An env of an id or a Minari JSON spec: the dataset's observation statistics, actions in [-1, 1] (its dtype); seeded."""
     warnings.filterwarnings("ignore", ".*is out of date", DeprecationWarning)  # v4: the D4RL layout, on purpose
     env_spec = gym.envs.registration.EnvSpec.from_json(env_spec) if env_spec.startswith("{") else env_spec
     try:
@@ -331,7 +331,7 @@ def make_env(env_spec, seed: int, obs_mean: np.ndarray | float = 0.0, obs_std: n
         env = gym.wrappers.FlattenObservation(env)
     space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
     env = gym.wrappers.TransformObservation(env, lambda obs: ((obs - obs_mean) / obs_std).astype(np.float32), space)
-    env = gym.wrappers.RecordEpisodeStatistics(gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1)))
+    env = gym.wrappers.RecordEpisodeStatistics(gym.wrappers.RescaleAction(env, *np.array([-1, 1], env.action_space.dtype)))
     env.action_space.seed(seed)
     env.reset(seed=seed)
     return env

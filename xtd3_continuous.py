@@ -153,7 +153,8 @@ def make_env(env_id: str, seed: int, video_folder: str | None = None) -> gym.Env
         env = gym.wrappers.FlattenObservation(env)
     float_space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
     env = gym.wrappers.TransformObservation(env, lambda obs: np.asarray(obs, dtype=np.float32), float_space)
-    env = gym.wrappers.RecordEpisodeStatistics(gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1)))
+    bounds = np.array([-1, 1], env.action_space.dtype)  # in the space's dtype: other bounds made numpy warn (dm_control)
+    env = gym.wrappers.RecordEpisodeStatistics(gym.wrappers.RescaleAction(env, *bounds))
     env.action_space.seed(seed)
     env.reset(seed=seed)
     return gym.wrappers.RecordVideo(env, video_folder, lambda _: True, disable_logger=True) if video_folder else env

@@ -396,7 +396,8 @@ def test_three_envs_lose_no_transition(stem, tmp_path, capsys):
 # ---- a quiet start ----
 @pytest.mark.parametrize("stem", ONLINE)
 def test_quiet_headless_start(stem, tmp_path):
-    """With no display and MUJOCO_GL unset, neither --help nor a normal run prints a GLFW or other library warning."""
+    """With no display and MUJOCO_GL unset, neither --help nor a normal run prints a GLFW or other library warning,
+    on a gymnasium task and on a dm_control one (float64 action space: float32 bounds there made numpy warn)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "DISPLAY", "PYTHONWARNINGS")}
     env["OMP_NUM_THREADS"] = "1"
     script = str(ROOT / f"{stem}.py")
@@ -404,7 +405,7 @@ def test_quiet_headless_start(stem, tmp_path):
            "--batch-size", "32", "--eval-episodes", "1", "--log-freq", "50", "--runs-dir", str(tmp_path / "runs"),
            "--no-cuda"]
     results = []
-    for command in (["--help"], run):
+    for command in (["--help"], run, ["--env-id", "dm_control/cartpole-swingup-v0", *run[2:]]):
         done = subprocess.run([sys.executable, script, *command], capture_output=True, text=True, env=env,
                               timeout=300, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
@@ -412,9 +413,10 @@ def test_quiet_headless_start(stem, tmp_path):
         for noise in ("GLFW", "Warning", "WARN", "DeprecationWarning", "MUJOCO_GL"):
             assert noise not in text, f"{stem} {command[0]}: {noise!r} in\n{text[-3000:]}"
         results.append(done)
-    helped, ran = results
+    helped, ran, ran_dmc = results
     assert "--num-envs" in helped.stdout and "--matmul-precision" in helped.stdout and helped.stderr == ""
     assert "eval return" in ran.stdout and f"{stem}: done in " in ran.stdout and ran.stderr == ""
+    assert "eval return" in ran_dmc.stdout and ran_dmc.stderr == ""
 
 
 # ---- the pairs: identical results, identical source ----
