@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A CPU-scale reproduction of the paper's comparisons: small but real versions of Figure 3 (online) and
-# Table 1 (offline) that run in about an hour on a 2-core CPU, then one table and one plot.
+# Table 1 (offline) that run in about 80 minutes on a quiet 2-core CPU, then one table and one plot.
 #
-#   bash benchmark/cpu_proxy.sh           # about an hour on 2 cores; writes docs/cpu_proxy.{md,png}
+#   bash benchmark/cpu_proxy.sh           # ~80 minutes on 2 cores; writes docs/cpu_proxy.{md,png}
 #   QUICK=1 bash benchmark/cpu_proxy.sh   # a few minutes, tiny settings: checks the pipeline, not the science
 #
 # Environment: PYTHON (default .venv/bin/python, else python), OUT (runs/cpu_proxy), DOCS (docs; with QUICK=1
@@ -11,7 +11,7 @@
 # 1. Online, Figure 3 in small: X-SAC against SAC with a value network (--value-loss mse), and X-TD3 against
 #    X-TD3 - DQ (--no-double-q) and TD3 (--critic-loss mse), on dm_control/cheetah-run-v0 (a Figure 3 task: beta
 #    from Table 6, 2 for X-SAC, 5 / 4 for X-TD3 / - DQ) and dm_control/cartpole-swingup-v0 (fast; not in Table 6:
-#    the scripts' fallback beta 2, X-TD3 - DQ 4). Not the paper's scale: 256-wide networks, batch 256, 20k env steps
+#    the scripts' fallback beta 2, X-TD3 - DQ 4). Not the paper's scale: 256-wide networks, batch 256, 15k env steps
 #    with 5000 random ones first (TD3's default is 25000), SAC's lr 3e-4 (Table 5: 1e-4 at 1024 wide).
 # 2. Offline datasets of Hopper-v4, made here as D4RL made its own (each file records its policy and step):
 #    an X-SAC run of 60k steps gives "replay" (its whole buffer) and its final policy; rollouts of that policy give
@@ -35,7 +35,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   OFFLINE=(--max-steps 300 --hidden-dim 32 --batch-size 64 --eval-freq 150 --eval-episodes 1 --log-freq 150)
 else
   DOCS=${DOCS:-docs}
-  ONLINE=(--total-timesteps 20000 --learning-starts 5000 --hidden-dim 256 --batch-size 256 --eval-freq 5000 --eval-episodes 5 --log-freq 2500)
+  ONLINE=(--total-timesteps 15000 --learning-starts 5000 --hidden-dim 256 --batch-size 256 --eval-freq 5000 --eval-episodes 5 --log-freq 2500)
   DATA_STEPS=(60000 15000); ROLLOUT=50000
   OFFLINE=(--max-steps 20000 --hidden-dim 256 --eval-freq 5000 --eval-episodes 5 --log-freq 2500)
 fi
