@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup test clean
+.PHONY: setup test format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,20 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# pytest exits 5 when it collects no test: for this repository that means tests/ is broken, so it
-# is reported as such rather than passing silently.
+# The formatter and the linter first (ruff, line length 100, pyproject.toml): unformatted code
+# fails. pytest exits 5 when it collects no test: for this repository that means tests/ is
+# broken, so it is reported as such rather than passing silently.
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (is tests/ missing?)"; exit 1; fi; \
 	exit $$rc
+
+# Format and fix what ruff can, in place.
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) runs

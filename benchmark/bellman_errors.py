@@ -26,6 +26,7 @@ Usage:
     python benchmark/bellman_errors.py runs/dm_control-cheetah-run-v0__xsac__1__1700000000 --clip -5 5 --out bellman.png
     python benchmark/bellman_errors.py runs/RUN --pool        # one panel, all steps together
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,9 +82,15 @@ def fit_errors(errors: np.ndarray) -> Fit:
     side = max(fits, key=lambda s: fits[s][2])
     mean, std = stats.norm.fit(errors)
     return Fit(
-        n=len(errors), gumbel_side=side, gumbel_loc=float(fits[side][0]), gumbel_scale=float(fits[side][1]),
-        gumbel_ll=fits[side][2], other_side_ll=fits["l" if side == "r" else "r"][2],
-        gaussian_mean=float(mean), gaussian_std=float(std), gaussian_ll=float(stats.norm.logpdf(errors, mean, std).mean()),
+        n=len(errors),
+        gumbel_side=side,
+        gumbel_loc=float(fits[side][0]),
+        gumbel_scale=float(fits[side][1]),
+        gumbel_ll=fits[side][2],
+        other_side_ll=fits["l" if side == "r" else "r"][2],
+        gaussian_mean=float(mean),
+        gaussian_std=float(std),
+        gaussian_ll=float(stats.norm.logpdf(errors, mean, std).mean()),
     )
 
 
@@ -91,18 +98,24 @@ def npy_files(path: Path) -> list[Path]:
     """The step files a command-line path stands for: a .npy file, a run folder, or its bellman_errors/."""
     if path.is_file():
         if path.suffix != ".npy":
-            raise SystemExit(f"{PROG}: {path} is not a .npy file (pass run folders or bellman_errors/step_*.npy files)")
+            raise SystemExit(
+                f"{PROG}: {path} is not a .npy file (pass run folders or bellman_errors/step_*.npy files)"
+            )
         return [path]
     if not path.is_dir():
         raise SystemExit(f"{PROG}: {path} does not exist")
     folder = path / "bellman_errors" if (path / "bellman_errors").is_dir() else path
     files = sorted(p for p in folder.glob("*.npy") if STEP_FILE.fullmatch(p.name))
     if not files:
-        raise SystemExit(f"{PROG}: no step_*.npy files in {folder} (was the run started with --log-bellman-errors, and has it reached --bellman-log-freq steps?)")
+        raise SystemExit(
+            f"{PROG}: no step_*.npy files in {folder} (was the run started with --log-bellman-errors, and has it reached --bellman-log-freq steps?)"
+        )
     return files
 
 
-def load_samples(paths: list[Path], clip: tuple[float, float] | None, clip_mode: str) -> list[Sample]:
+def load_samples(
+    paths: list[Path], clip: tuple[float, float] | None, clip_mode: str
+) -> list[Sample]:
     samples = []
     for path in paths:
         for file in npy_files(path):
@@ -111,11 +124,16 @@ def load_samples(paths: list[Path], clip: tuple[float, float] | None, clip_mode:
             except (ValueError, OSError) as error:
                 raise SystemExit(f"{PROG}: cannot read {file} as a numpy array ({error})") from None
             if errors.ndim != 1 or not np.issubdtype(errors.dtype, np.floating):
-                raise SystemExit(f"{PROG}: {file} holds a {errors.dtype} array of shape {errors.shape}; expected a 1-D float array of Bellman errors")
+                raise SystemExit(
+                    f"{PROG}: {file} holds a {errors.dtype} array of shape {errors.shape}; expected a 1-D float array of Bellman errors"
+                )
             errors = errors.astype(np.float64)
             finite = np.isfinite(errors)
             if not finite.all():
-                print(f"{PROG}: warning: {file}: dropped {int((~finite).sum())} non-finite values", file=sys.stderr)
+                print(
+                    f"{PROG}: warning: {file}: dropped {int((~finite).sum())} non-finite values",
+                    file=sys.stderr,
+                )
                 errors = errors[finite]
             if clip is not None:
                 if clip_mode == "clamp":
@@ -133,7 +151,11 @@ def pool(samples: list[Sample]) -> Sample:
     label = labels[0] if len(labels) == 1 else f"{len(labels)} runs"
     steps = [s.step for s in samples if s.step is not None]
     span = f"steps {min(steps):,}–{max(steps):,}, " if steps else ""
-    return Sample(f"{label}\n{span}{len(samples)} batches pooled", None, np.concatenate([s.errors for s in samples]))
+    return Sample(
+        f"{label}\n{span}{len(samples)} batches pooled",
+        None,
+        np.concatenate([s.errors for s in samples]),
+    )
 
 
 def print_table(samples: list[Sample], fits: list[Fit | None]) -> None:
@@ -145,15 +167,28 @@ def print_table(samples: list[Sample], fits: list[Fit | None]) -> None:
         step = f"{sample.step:,}" if sample.step is not None else "-"
         label = sample.label.replace("\n", ", ")
         if fit is None:
-            print(f"{label:<{width}} {step:>9} {len(sample.errors):>7} | too few distinct values to fit")
+            print(
+                f"{label:<{width}} {step:>9} {len(sample.errors):>7} | too few distinct values to fit"
+            )
             continue
         side = "right" if fit.gumbel_side == "r" else "left"
-        print(f"{label:<{width}} {step:>9} {fit.n:>7} | {side:>6} {fit.gumbel_loc:>9.4g} {fit.gumbel_scale:>8.4g} {fit.gumbel_ll:>8.4f} | "
-              f"{fit.gaussian_mean:>10.4g} {fit.gaussian_std:>8.4g} {fit.gaussian_ll:>8.4f} | {fit.winner}")
-    print("LL: mean log-likelihood per sample (nats), higher fits better. Gumbel 'right'/'left': the side of the long tail.")
+        print(
+            f"{label:<{width}} {step:>9} {fit.n:>7} | {side:>6} {fit.gumbel_loc:>9.4g} {fit.gumbel_scale:>8.4g} {fit.gumbel_ll:>8.4f} | "
+            f"{fit.gaussian_mean:>10.4g} {fit.gaussian_std:>8.4g} {fit.gaussian_ll:>8.4f} | {fit.winner}"
+        )
+    print(
+        "LL: mean log-likelihood per sample (nats), higher fits better. Gumbel 'right'/'left': the side of the long tail."
+    )
 
 
-def plot(samples: list[Sample], fits: list[Fit | None], path: Path, bins: int, clip: tuple[float, float] | None, clip_mode: str) -> None:
+def plot(
+    samples: list[Sample],
+    fits: list[Fit | None],
+    path: Path,
+    bins: int,
+    clip: tuple[float, float] | None,
+    clip_mode: str,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,17 +197,42 @@ def plot(samples: list[Sample], fits: list[Fit | None], path: Path, bins: int, c
     one_run = len({s.label for s in samples}) == 1
     ncols = min(4, len(samples))
     nrows = math.ceil(len(samples) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.4 * ncols, 7.5), 3.4 * nrows + 0.8), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(max(4.4 * ncols, 7.5), 3.4 * nrows + 0.8),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, sample, fit in zip(axes.flat, samples, fits):
-        ax.hist(sample.errors, bins=bins, density=True, color="0.75", edgecolor="0.6", linewidth=0.3, label="Bellman errors")
+        ax.hist(
+            sample.errors,
+            bins=bins,
+            density=True,
+            color="0.75",
+            edgecolor="0.6",
+            linewidth=0.3,
+            label="Bellman errors",
+        )
         if fit is not None:
             low, high = np.quantile(sample.errors, [0.0, 1.0])
             x = np.linspace(low, high, 400)
             side = "right" if fit.gumbel_side == "r" else "left"
-            ax.plot(x, fit.gumbel().pdf(x), color="tab:red", lw=1.8,
-                    label=f"Gumbel ({side} tail): μ={fit.gumbel_loc:.3g}, β={fit.gumbel_scale:.3g}\nLL={fit.gumbel_ll:.3f}")
-            ax.plot(x, stats.norm.pdf(x, fit.gaussian_mean, fit.gaussian_std), color="tab:blue", lw=1.8, ls="--",
-                    label=f"Gaussian: μ={fit.gaussian_mean:.3g}, σ={fit.gaussian_std:.3g}\nLL={fit.gaussian_ll:.3f}")
+            ax.plot(
+                x,
+                fit.gumbel().pdf(x),
+                color="tab:red",
+                lw=1.8,
+                label=f"Gumbel ({side} tail): μ={fit.gumbel_loc:.3g}, β={fit.gumbel_scale:.3g}\nLL={fit.gumbel_ll:.3f}",
+            )
+            ax.plot(
+                x,
+                stats.norm.pdf(x, fit.gaussian_mean, fit.gaussian_std),
+                color="tab:blue",
+                lw=1.8,
+                ls="--",
+                label=f"Gaussian: μ={fit.gaussian_mean:.3g}, σ={fit.gaussian_std:.3g}\nLL={fit.gaussian_ll:.3f}",
+            )
         title = sample.label if sample.step is None else f"step {sample.step:,}"
         if sample.step is not None and not one_run:
             title = f"{sample.label}\n{title}"
@@ -181,14 +241,19 @@ def plot(samples: list[Sample], fits: list[Fit | None], path: Path, bins: int, c
         ax.set_xlabel("Bellman error")
         ax.set_ylabel("density")
         ax.legend(fontsize=7, loc="upper left", frameon=False)
-    for ax in axes.flat[len(samples):]:
+    for ax in axes.flat[len(samples) :]:
         ax.set_visible(False)
     clipped = f"; clipped to [{clip[0]:g}, {clip[1]:g}] ({clip_mode})" if clip else ""
     run = f"{samples[0].label}: " if one_run and samples[0].step is not None else ""
-    fig.suptitle(f"{run}Bellman errors r + γ·Q₁(s′, π(s′)) − Q₁(s, a), maximum-likelihood fits{clipped}\n"
-                 "LL = mean log-likelihood per sample (higher fits better)", fontsize=10)
+    fig.suptitle(
+        f"{run}Bellman errors r + γ·Q₁(s′, π(s′)) − Q₁(s, a), maximum-likelihood fits{clipped}\n"
+        "LL = mean log-likelihood per sample (higher fits better)",
+        fontsize=10,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never half a PNG
+    tmp = path.with_name(
+        f".{path.name}.{os.getpid()}.tmp"
+    )  # written whole, then renamed: never half a PNG
     try:
         fig.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, path)
@@ -199,18 +264,44 @@ def plot(samples: list[Sample], fits: list[Fit | None], path: Path, bins: int, c
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="run folders, their bellman_errors/ folders, or step_*.npy files")
-    parser.add_argument("--clip", nargs=2, type=float, metavar=("LO", "HI"), help="keep only errors in [LO, HI] before fitting (App. D.2)")
-    parser.add_argument("--clip-mode", choices=("drop", "clamp"), default="drop", help="drop errors outside --clip (default) or clamp them to it")
-    parser.add_argument("--pool", action="store_true", help="fit and plot all batches together instead of one panel per step")
-    parser.add_argument("--steps", nargs="+", type=int, help="only these steps (as in the file names)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        help="run folders, their bellman_errors/ folders, or step_*.npy files",
+    )
+    parser.add_argument(
+        "--clip",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        help="keep only errors in [LO, HI] before fitting (App. D.2)",
+    )
+    parser.add_argument(
+        "--clip-mode",
+        choices=("drop", "clamp"),
+        default="drop",
+        help="drop errors outside --clip (default) or clamp them to it",
+    )
+    parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="fit and plot all batches together instead of one panel per step",
+    )
+    parser.add_argument(
+        "--steps", nargs="+", type=int, help="only these steps (as in the file names)"
+    )
     parser.add_argument("--bins", type=int, default=80, help="histogram bins")
     parser.add_argument("--out", type=Path, default=Path("bellman_errors.png"), help="PNG to write")
     args = parser.parse_args(argv)
     if args.clip is not None and not args.clip[0] < args.clip[1]:
-        parser.exit(2, f"{PROG}: --clip LO HI needs LO < HI, got {args.clip[0]:g} {args.clip[1]:g}\n")
+        parser.exit(
+            2, f"{PROG}: --clip LO HI needs LO < HI, got {args.clip[0]:g} {args.clip[1]:g}\n"
+        )
     if args.out.suffix.lower() != ".png":
-        parser.exit(2, f"{PROG}: --out writes a PNG; give a file name ending in .png, got {args.out}\n")
+        parser.exit(
+            2, f"{PROG}: --out writes a PNG; give a file name ending in .png, got {args.out}\n"
+        )
     return args
 
 

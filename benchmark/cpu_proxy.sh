@@ -85,7 +85,7 @@ sweep online_td3 xtd3_continuous.py "$TASKS" -- --exp-name td3 --critic-loss mse
 echo "cpu_proxy: step 4/4, summary"
 wall=$((SECONDS - start))
 diverged=$(grep -l "a loss became NaN/inf" "$LOGS"/*/*.log 2>/dev/null | sed "s|$LOGS/||" | tr '\n' ' ')
-failed=$(grep -L "done in" "$LOGS"/*/*.log 2>/dev/null | sed "s|$LOGS/||" | tr '\n' ' ')
+failed=$(grep -L ": done, " "$LOGS"/*/*.log 2>/dev/null | sed "s|$LOGS/||" | tr '\n' ' ')
 "$PYTHON" benchmark/summarize.py "$RUNS" --out "$OUT/table.md" --plot "$DOCS/cpu_proxy.png" --json "$OUT/cpu_proxy.json" || exit 1
 {
   echo "# CPU proxy of the paper's comparisons (benchmark/cpu_proxy.sh$([ "${QUICK:-0}" = 1 ] && echo ", QUICK=1"))"

@@ -21,6 +21,7 @@ outliers in RL targets, and here it would silence the very points small β must 
 Usage:
     python benchmark/figure2_gumbel.py --out figure2.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,20 +44,28 @@ def load_gumbel_loss(script: str | None = None, root: Path = ROOT):
     if script is None:
         candidates = [root / f"{stem}.py" for stem in SCRIPTS if (root / f"{stem}.py").is_file()]
         if not candidates:
-            raise SystemExit(f"{PROG}: none of {', '.join(s + '.py' for s in SCRIPTS)} exists in {root}; "
-                             "run this from a checkout of the repository, or pass --script PATH to a file defining gumbel_loss")
+            raise SystemExit(
+                f"{PROG}: none of {', '.join(s + '.py' for s in SCRIPTS)} exists in {root}; "
+                "run this from a checkout of the repository, or pass --script PATH to a file defining gumbel_loss"
+            )
         path = candidates[0]
     else:
         path = Path(script) if script.endswith(".py") else root / f"{script}.py"
         if not path.is_file():
-            raise SystemExit(f"{PROG}: --script {script}: {path} does not exist (use one of {', '.join(SCRIPTS)} or a path to a .py file)")
+            raise SystemExit(
+                f"{PROG}: --script {script}: {path} does not exist (use one of {', '.join(SCRIPTS)} or a path to a .py file)"
+            )
     name = f"_figure2_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the script is being imported
+    sys.modules[name] = (
+        module  # dataclasses look their module up while the script is being imported
+    )
     spec.loader.exec_module(module)
     if not callable(getattr(module, "gumbel_loss", None)):
-        raise SystemExit(f"{PROG}: {path} defines no gumbel_loss(pred, target, beta, clip, clip_mode)")
+        raise SystemExit(
+            f"{PROG}: {path} defines no gumbel_loss(pred, target, beta, clip, clip_mode)"
+        )
     return module.gumbel_loss, path
 
 
@@ -71,7 +80,9 @@ def plain_loss_from_script(gumbel_loss, difference: np.ndarray, beta: float) -> 
     for d in difference:
         pred, target = torch.zeros(1, dtype=torch.float64), torch.tensor([d], dtype=torch.float64)
         normalised = gumbel_loss(pred, target, beta, math.inf, "upper").item()  # unclipped
-        values.append(normalised * math.exp(max(d / beta, -1.0)))  # undo App. D.3's factor e^{-max(z, -1)}
+        values.append(
+            normalised * math.exp(max(d / beta, -1.0))
+        )  # undo App. D.3's factor e^{-max(z, -1)}
     return np.array(values)
 
 
@@ -88,13 +99,17 @@ def legendre_features(x: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.stack(features[: degree + 1], dim=1)
 
 
-def fit_curve(x: np.ndarray, y: np.ndarray, loss_fn, degree: int, steps: int, lr: float) -> np.ndarray:
+def fit_curve(
+    x: np.ndarray, y: np.ndarray, loss_fn, degree: int, steps: int, lr: float
+) -> np.ndarray:
     """Polynomial coefficients minimising loss_fn(pred, target) over the dataset (full-batch Adam)."""
     features = legendre_features(torch.as_tensor(x, dtype=torch.float64), degree)
     target = torch.as_tensor(y, dtype=torch.float64)
     coefficients = torch.zeros(degree + 1, dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.Adam([coefficients], lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)  # settle on the minimiser
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimiser, steps
+    )  # settle on the minimiser
     for _ in range(steps):
         optimiser.zero_grad()
         loss_fn(features @ coefficients, target).backward()
@@ -108,9 +123,16 @@ def evaluate_curve(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (features @ torch.as_tensor(coefficients)).numpy()
 
 
-def gumbel_regression(x, y, gumbel_loss, betas, clip: float, degree: int, steps: int, lr: float) -> dict:
+def gumbel_regression(
+    x, y, gumbel_loss, betas, clip: float, degree: int, steps: int, lr: float
+) -> dict:
     """β -> fitted coefficients, plus "mse" -> the least-squares fit."""
-    fits = {beta: fit_curve(x, y, lambda p, t, b=beta: gumbel_loss(p, t, b, clip, "upper"), degree, steps, lr) for beta in betas}
+    fits = {
+        beta: fit_curve(
+            x, y, lambda p, t, b=beta: gumbel_loss(p, t, b, clip, "upper"), degree, steps, lr
+        )
+        for beta in betas
+    }
     fits["mse"] = fit_curve(x, y, lambda p, t: ((p - t) ** 2).mean(), degree, steps, lr)
     return fits
 
@@ -126,28 +148,65 @@ def draw(path: Path, gumbel_loss, script_name: str, args: argparse.Namespace, x,
 
     grid = np.linspace(-4, 10, 600)
     for i, beta in enumerate(args.betas):
-        left.plot(grid, gumbel_pdf(grid, beta), color=colors(0.85 * i / max(1, len(args.betas) - 1)), lw=2, label=f"β = {beta:g}")
+        left.plot(
+            grid,
+            gumbel_pdf(grid, beta),
+            color=colors(0.85 * i / max(1, len(args.betas) - 1)),
+            lw=2,
+            label=f"β = {beta:g}",
+        )
     left.set(title="Gumbel pdf, μ = 0", xlabel="x", ylabel="p(x)")
     left.legend(frameon=False)
 
     difference = np.linspace(-3, 3, 241)
     for i, beta in enumerate(args.betas):
-        center.plot(difference, plain_loss_from_script(gumbel_loss, difference, beta), color=colors(0.85 * i / max(1, len(args.betas) - 1)), lw=2, label=f"β = {beta:g}")
-    center.plot(difference, 0.5 * difference**2, color="0.3", ls="--", lw=1.5, label="½(target − pred)²")
-    center.set(title=f"Gumbel loss e^z − z − 1, z = (target − pred)/β\n(computed with {script_name}'s gumbel_loss)",
-               xlabel="target − prediction", ylabel="loss", ylim=(0, 5))
+        center.plot(
+            difference,
+            plain_loss_from_script(gumbel_loss, difference, beta),
+            color=colors(0.85 * i / max(1, len(args.betas) - 1)),
+            lw=2,
+            label=f"β = {beta:g}",
+        )
+    center.plot(
+        difference, 0.5 * difference**2, color="0.3", ls="--", lw=1.5, label="½(target − pred)²"
+    )
+    center.set(
+        title=f"Gumbel loss e^z − z − 1, z = (target − pred)/β\n(computed with {script_name}'s gumbel_loss)",
+        xlabel="target − prediction",
+        ylabel="loss",
+        ylim=(0, 5),
+    )
     center.legend(frameon=False, loc="upper center")
 
     right.scatter(x, y, s=6, color="0.6", alpha=0.6, label="data")
     curve_x = np.linspace(-1, 1, 300)
     for i, beta in enumerate(args.regression_betas):
-        right.plot(curve_x, evaluate_curve(fits[beta], curve_x), color=plt.get_cmap("plasma")(0.85 * i / max(1, len(args.regression_betas) - 1)), lw=2, label=f"β = {beta:g}")
-    right.plot(curve_x, evaluate_curve(fits["mse"], curve_x), color="k", ls="--", lw=1.5, label="least squares (mean)")
-    right.set(title="Gumbel regression: small β fits the upper extremes,\nlarge β the mean", xlabel="x", ylabel="y")
+        right.plot(
+            curve_x,
+            evaluate_curve(fits[beta], curve_x),
+            color=plt.get_cmap("plasma")(0.85 * i / max(1, len(args.regression_betas) - 1)),
+            lw=2,
+            label=f"β = {beta:g}",
+        )
+    right.plot(
+        curve_x,
+        evaluate_curve(fits["mse"], curve_x),
+        color="k",
+        ls="--",
+        lw=1.5,
+        label="least squares (mean)",
+    )
+    right.set(
+        title="Gumbel regression: small β fits the upper extremes,\nlarge β the mean",
+        xlabel="x",
+        ylabel="y",
+    )
     right.legend(frameon=False, fontsize=8, loc="lower right")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: never half a PNG
+    tmp = path.with_name(
+        f".{path.name}.{os.getpid()}.tmp"
+    )  # written whole, then renamed: never half a PNG
     try:
         fig.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, path)
@@ -158,11 +217,31 @@ def draw(path: Path, gumbel_loss, script_name: str, args: argparse.Namespace, x,
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--script", help=f"where gumbel_loss comes from: one of {', '.join(SCRIPTS)} or a path to a .py file (default: the first that exists)")
+    parser.add_argument(
+        "--script",
+        help=f"where gumbel_loss comes from: one of {', '.join(SCRIPTS)} or a path to a .py file (default: the first that exists)",
+    )
     parser.add_argument("--out", type=Path, default=Path("figure2.png"), help="PNG to write")
-    parser.add_argument("--betas", nargs="+", type=float, default=[0.5, 1.0, 2.0, 5.0], help="β of the pdf and loss panels")
-    parser.add_argument("--regression-betas", nargs="+", type=float, default=[0.05, 0.2, 1.0, 5.0], help="β of the regression panel")
-    parser.add_argument("--loss-clip", type=float, default=math.inf, help="clip passed to gumbel_loss in the regression (default: none)")
+    parser.add_argument(
+        "--betas",
+        nargs="+",
+        type=float,
+        default=[0.5, 1.0, 2.0, 5.0],
+        help="β of the pdf and loss panels",
+    )
+    parser.add_argument(
+        "--regression-betas",
+        nargs="+",
+        type=float,
+        default=[0.05, 0.2, 1.0, 5.0],
+        help="β of the regression panel",
+    )
+    parser.add_argument(
+        "--loss-clip",
+        type=float,
+        default=math.inf,
+        help="clip passed to gumbel_loss in the regression (default: none)",
+    )
     parser.add_argument("--points", type=int, default=400, help="size of the regression dataset")
     parser.add_argument("--noise", type=float, default=0.4, help="std of the Gaussian noise on y")
     parser.add_argument("--degree", type=int, default=5, help="degree of the fitted polynomial")
@@ -173,7 +252,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if min(args.betas + args.regression_betas) <= 0:
         parser.exit(2, f"{PROG}: every β must be positive\n")
     if args.out.suffix.lower() != ".png":
-        parser.exit(2, f"{PROG}: --out writes a PNG; give a file name ending in .png, got {args.out}\n")
+        parser.exit(
+            2, f"{PROG}: --out writes a PNG; give a file name ending in .png, got {args.out}\n"
+        )
     if args.points < args.degree + 1:
         parser.exit(2, f"{PROG}: --points must be at least --degree + 1 = {args.degree + 1}\n")
     return args
@@ -184,7 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
     gumbel_loss, script_path = load_gumbel_loss(args.script)
     torch.manual_seed(args.seed)
     x, y = make_dataset(args.points, args.noise, args.seed)
-    fits = gumbel_regression(x, y, gumbel_loss, args.regression_betas, args.loss_clip, args.degree, args.steps, args.lr)
+    fits = gumbel_regression(
+        x, y, gumbel_loss, args.regression_betas, args.loss_clip, args.degree, args.steps, args.lr
+    )
     draw(args.out, gumbel_loss, script_path.name, args, x, y, fits)
     print(f"{PROG}: gumbel_loss from {script_path}; figure written to {args.out}")
     return {"x": x, "y": y, "fits": fits, "script": script_path}

@@ -11,6 +11,7 @@ records in its attributes which checkpoint, training step, policy and noise made
 
 A replay dataset (D4RL's "replay") is the training run's own buffer: `xsac_continuous.py --save-buffer PATH`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,14 @@ def load_script(stem: str):
     return sys.modules[stem]
 
 
-def make_dataset(checkpoint_path: str, steps: int, out: str, policy: str = "sample", noise: float = 0.0, seed: int = 0) -> dict:
+def make_dataset(
+    checkpoint_path: str,
+    steps: int,
+    out: str,
+    policy: str = "sample",
+    noise: float = 0.0,
+    seed: int = 0,
+) -> dict:
     """Roll out the checkpoint's policy for `steps` env steps and write them to `out`; returns the file's attributes."""
     import torch
 
@@ -42,7 +50,9 @@ def make_dataset(checkpoint_path: str, steps: int, out: str, policy: str = "samp
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         stem = "xtd3_continuous" if "critic_loss" in saved["args"] else "xsac_continuous"
     except Exception as error:  # noqa: BLE001 - a missing or foreign file: one line for the user
-        raise SystemExit(f"{PROG}: {checkpoint_path} is not a checkpoint of xsac/xtd3_continuous.py --save-model ({type(error).__name__}).")
+        raise SystemExit(
+            f"{PROG}: {checkpoint_path} is not a checkpoint of xsac/xtd3_continuous.py --save-model ({type(error).__name__})."
+        )
     script = load_script(stem)
     checkpoint = script.load_checkpoint(checkpoint_path)
     args = script.Args(**checkpoint["args"])
@@ -51,7 +61,9 @@ def make_dataset(checkpoint_path: str, steps: int, out: str, policy: str = "samp
     agent = script.Agent(obs_dim, action_dim, args)
     agent.load_state_dict(checkpoint["agent"])
     if stem == "xsac_continuous":
-        act = (lambda o: agent.actor.sample(o)[0]) if policy == "sample" else agent.actor.mean_action
+        act = (
+            (lambda o: agent.actor.sample(o)[0]) if policy == "sample" else agent.actor.mean_action
+        )
     else:
         act = agent.actor.explore if policy == "sample" else agent.actor
     torch.manual_seed(seed)
@@ -62,7 +74,9 @@ def make_dataset(checkpoint_path: str, steps: int, out: str, policy: str = "samp
     with torch.no_grad():
         for _ in range(steps):
             action = act(torch.as_tensor(obs).unsqueeze(0))[0].numpy()
-            action = np.clip(action + noise * rng.standard_normal(action_dim), -1.0, 1.0).astype(np.float32)
+            action = np.clip(action + noise * rng.standard_normal(action_dim), -1.0, 1.0).astype(
+                np.float32
+            )
             next_obs, reward, terminated, truncated, info = env.step(action)
             buffer.add(obs[None], action[None], [reward], next_obs[None], [terminated], [truncated])
             obs = next_obs
@@ -70,22 +84,48 @@ def make_dataset(checkpoint_path: str, steps: int, out: str, policy: str = "samp
                 returns.append(float(info["episode"]["r"]))
                 obs, _ = env.reset()
     env.close()
-    attrs = {"env_id": args.env_id, "script": stem, "checkpoint": os.path.abspath(checkpoint_path),
-             "checkpoint_step": int(checkpoint["step"]), "trained_seed": int(args.seed), "exp_name": args.exp_name,
-             "policy": f"{policy} of the checkpoint's actor" + (f" + N(0, {noise}) noise" if noise else "") + ", clipped to [-1, 1]",
-             "env_steps": steps, "rollout_seed": seed, "episodes": len(returns),
-             "mean_episode_return": float(np.mean(returns)) if returns else float("nan")}
+    attrs = {
+        "env_id": args.env_id,
+        "script": stem,
+        "checkpoint": os.path.abspath(checkpoint_path),
+        "checkpoint_step": int(checkpoint["step"]),
+        "trained_seed": int(args.seed),
+        "exp_name": args.exp_name,
+        "policy": f"{policy} of the checkpoint's actor"
+        + (f" + N(0, {noise}) noise" if noise else "")
+        + ", clipped to [-1, 1]",
+        "env_steps": steps,
+        "rollout_seed": seed,
+        "episodes": len(returns),
+        "mean_episode_return": float(np.mean(returns)) if returns else float("nan"),
+    }
     buffer.save_hdf5(out, **attrs)
     return attrs
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt of xsac_continuous.py or xtd3_continuous.py --save-model")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint.pt of xsac_continuous.py or xtd3_continuous.py --save-model",
+    )
     parser.add_argument("--steps", type=int, required=True, help="env steps to record")
     parser.add_argument("--out", required=True, help="the HDF5 file to write (D4RL's layout)")
-    parser.add_argument("--policy", choices=("sample", "mean"), default="sample", help="the actor's exploration or its mean")
-    parser.add_argument("--noise", type=float, default=0.0, help="std of extra Gaussian action noise (default: none)")
+    parser.add_argument(
+        "--policy",
+        choices=("sample", "mean"),
+        default="sample",
+        help="the actor's exploration or its mean",
+    )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="std of extra Gaussian action noise (default: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the env and the noise")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.noise < 0:
@@ -93,8 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise SystemExit(f"{PROG}: the folder of --out {args.out} does not exist; create it first.")
     attrs = make_dataset(args.checkpoint, args.steps, args.out, args.policy, args.noise, args.seed)
-    print(f"{PROG}: {args.out}: {args.steps} steps of {attrs['env_id']} from {attrs['script']} (step {attrs['checkpoint_step']}), "
-          f"{attrs['policy']}; {attrs['episodes']} episodes, mean return {attrs['mean_episode_return']:.1f}")
+    print(
+        f"{PROG}: {args.out}: {args.steps} steps of {attrs['env_id']} from {attrs['script']} (step {attrs['checkpoint_step']}), "
+        f"{attrs['policy']}; {attrs['episodes']} episodes, mean return {attrs['mean_episode_return']:.1f}"
+    )
     return attrs
 
 

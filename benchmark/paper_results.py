@@ -18,6 +18,7 @@ the summary marks it with "≈", since the data, and for AntMaze the environment
 Minari's `mujoco/<env>/<level>-v0` datasets are NOT matched: they were collected anew on the v5
 environments by different policies, and share only a word ("medium") with D4RL's.
 """
+
 from __future__ import annotations
 
 import re
@@ -92,10 +93,12 @@ def lookup(task: str) -> tuple[str, bool] | None:
     name = task.replace("/", "-")
     if name in PAPER_TASKS:
         return name, True
-    if name.startswith("mujoco-"):  # Minari's regenerated locomotion data: not D4RL's (see docstring)
+    if name.startswith(
+        "mujoco-"
+    ):  # Minari's regenerated locomotion data: not D4RL's (see docstring)
         return None
     if name.startswith("D4RL-"):  # Minari port, e.g. D4RL-antmaze-umaze-v1, D4RL-pen-human-v2
-        name = name[len("D4RL-"):]
+        name = name[len("D4RL-") :]
     match = re.fullmatch(r"(.+)-v(\d+)", name)
     if match is None:
         return None

@@ -8,6 +8,7 @@ prints every seed's final return in both modes, the mean and standard deviation 
 means (fast - eager) and its standard error sqrt(s_e^2 / n_e + s_f^2 / n_f); a difference within 2 standard errors
 is read as "within seed noise".
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,11 @@ def collect(runs_dir: str) -> dict[tuple[str, str], dict[str, dict[int, float | 
 def spread(values: list[float]) -> str:
     if not values:
         return "n/a"
-    return f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    return (
+        f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}"
+        if len(values) > 1
+        else f"{values[0]:.1f}"
+    )
 
 
 def table(found: dict) -> str:
@@ -52,16 +57,29 @@ def table(found: dict) -> str:
     for (env, arm), modes in found.items():
         for seed in sorted(set(modes["eager"]) | set(modes["fast"])):
             cells = [modes[mode].get(seed) for mode in ("eager", "fast")]
-            lines.append(f"| {env} | {arm} | {seed} | " + " | ".join("failed" if c is None else f"{c:.1f}" for c in cells) + " |")
-        eager, fast = ([v for v in modes[mode].values() if v is not None] for mode in ("eager", "fast"))
+            lines.append(
+                f"| {env} | {arm} | {seed} | "
+                + " | ".join("failed" if c is None else f"{c:.1f}" for c in cells)
+                + " |"
+            )
+        eager, fast = (
+            [v for v in modes[mode].values() if v is not None] for mode in ("eager", "fast")
+        )
         lines.append(f"| {env} | {arm} | mean +- std | {spread(eager)} | {spread(fast)} |")
         if len(eager) > 1 and len(fast) > 1:
             diff = statistics.mean(fast) - statistics.mean(eager)
-            error = math.sqrt(statistics.variance(eager) / len(eager) + statistics.variance(fast) / len(fast))
+            error = math.sqrt(
+                statistics.variance(eager) / len(eager) + statistics.variance(fast) / len(fast)
+            )
             within = abs(diff) <= 2 * error
-            verdicts.append(f"- {arm} on {env}: fast - eager = {diff:+.1f}, standard error {error:.1f}: "
-                            + ("within seed noise (|difference| <= 2 standard errors)." if within else
-                               "**outside seed noise** (|difference| > 2 standard errors)."))
+            verdicts.append(
+                f"- {arm} on {env}: fast - eager = {diff:+.1f}, standard error {error:.1f}: "
+                + (
+                    "within seed noise (|difference| <= 2 standard errors)."
+                    if within
+                    else "**outside seed noise** (|difference| > 2 standard errors)."
+                )
+            )
         else:
             verdicts.append(f"- {arm} on {env}: too few finished runs to compare.")
     return "\n".join(lines + [""] + verdicts)
@@ -69,10 +87,14 @@ def table(found: dict) -> str:
 
 def main() -> None:
     if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
-        raise SystemExit("parity.py: usage: parity.py RUNS_DIR (the runs folder of benchmark/parity.sh)")
+        raise SystemExit(
+            "parity.py: usage: parity.py RUNS_DIR (the runs folder of benchmark/parity.sh)"
+        )
     found = collect(sys.argv[1])
     if not found:
-        raise SystemExit(f"parity.py: no run folder named <env>__<arm>-<eager|fast>__<seed>__<time> in {sys.argv[1]}.")
+        raise SystemExit(
+            f"parity.py: no run folder named <env>__<arm>-<eager|fast>__<seed>__<time> in {sys.argv[1]}."
+        )
     print(table(found))
 
 

@@ -12,7 +12,8 @@
 # Arms (--exp-name, read by benchmark/summarize.py): xsac (V by the Gumbel loss, Eq. 11, no entropy
 # term) and sac (--value-loss mse: V toward min Q - alpha log pi; beta unused).
 # The authors' code differs from the paper in places; to run their variant add
-#   EXTRA="--loss-clip 10 --policy-frequency 2"  and use --beta-table authors instead of the betas below.
+#   EXTRA="--loss-clip 10 --policy-frequency 2" and their betas (hopper-hop 1, walker-run 2; their
+#   online/configs/sac_experiments.json swaps Table 6's two) in place of the betas below.
 #
 # Usage (from anywhere):   bash benchmark/xsac_continuous.sh
 # Environment overrides:   SEEDS="1 2 3" WORKERS=3 TOTAL_TIMESTEPS=1000000 PYTHON=python \

@@ -1,4 +1,5 @@
 """Shared test helpers: locate the repository's single-file scripts and import them by path."""
+
 from __future__ import annotations
 
 import ast

@@ -3,6 +3,7 @@
 Tolerance: with n = 20000 samples the MLE's standard errors are about 0.4% (location 1.5) and 0.6%
 (scale 0.7) of the true values, so 3% is more than 5 standard errors: a correct fit never fails it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 LOC, SCALE, N = 1.5, 0.7, 20_000
@@ -19,7 +19,9 @@ TOLERANCE = 0.03
 
 def load_tool():
     if "bellman_errors" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bellman_errors", ROOT / "benchmark" / "bellman_errors.py")
+        spec = importlib.util.spec_from_file_location(
+            "bellman_errors", ROOT / "benchmark" / "bellman_errors.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["bellman_errors"] = module
         spec.loader.exec_module(module)
@@ -38,8 +40,11 @@ def write_run(runs_dir, name, batches):
 def test_gumbel_data_recovered_and_preferred(tmp_path, capsys):
     tool = load_tool()
     rng = np.random.default_rng(0)
-    run = write_run(tmp_path, "dm_control-cheetah-run-v0__xsac__1__1700000000",
-                    {5000: rng.gumbel(LOC, SCALE, N), 10000: rng.gumbel(LOC, SCALE, N)})
+    run = write_run(
+        tmp_path,
+        "dm_control-cheetah-run-v0__xsac__1__1700000000",
+        {5000: rng.gumbel(LOC, SCALE, N), 10000: rng.gumbel(LOC, SCALE, N)},
+    )
     out = tmp_path / "fig.png"
     results = tool.main([str(run), "--out", str(out)])
     assert [sample.step for sample, _ in results] == [5000, 10000]
@@ -50,9 +55,15 @@ def test_gumbel_data_recovered_and_preferred(tmp_path, capsys):
         assert fit.gumbel_scale == pytest.approx(SCALE, rel=TOLERANCE)
         assert fit.gumbel_ll > fit.gaussian_ll and fit.gumbel_ll > fit.other_side_ll
         # the reported likelihood is the mean log-pdf of the data under the fitted parameters
-        expected_ll = np.mean(-np.log(fit.gumbel_scale) - (z := (sample.errors - fit.gumbel_loc) / fit.gumbel_scale) - np.exp(-z))
+        expected_ll = np.mean(
+            -np.log(fit.gumbel_scale)
+            - (z := (sample.errors - fit.gumbel_loc) / fit.gumbel_scale)
+            - np.exp(-z)
+        )
         assert fit.gumbel_ll == pytest.approx(expected_ll, rel=1e-9)
-        assert fit.gaussian_mean == pytest.approx(sample.errors.mean()) and fit.gaussian_std == pytest.approx(sample.errors.std())
+        assert fit.gaussian_mean == pytest.approx(
+            sample.errors.mean()
+        ) and fit.gaussian_std == pytest.approx(sample.errors.std())
     table = capsys.readouterr().out
     assert "5,000" in table and "10,000" in table and table.count("Gumbel\n") == 2
     png = out.read_bytes()
@@ -64,10 +75,14 @@ def test_left_tail_and_gaussian_data(tmp_path):
     rng = np.random.default_rng(1)
     left = tool.fit_errors(-rng.gumbel(LOC, SCALE, N))
     assert left.gumbel_side == "l" and left.winner == "Gumbel"
-    assert left.gumbel_loc == pytest.approx(-LOC, rel=TOLERANCE) and left.gumbel_scale == pytest.approx(SCALE, rel=TOLERANCE)
+    assert left.gumbel_loc == pytest.approx(
+        -LOC, rel=TOLERANCE
+    ) and left.gumbel_scale == pytest.approx(SCALE, rel=TOLERANCE)
     gaussian = tool.fit_errors(rng.normal(0.3, 2.0, N))
     assert gaussian.winner == "Gaussian" and gaussian.gaussian_ll > gaussian.gumbel_ll
-    assert gaussian.gaussian_mean == pytest.approx(0.3, abs=0.05) and gaussian.gaussian_std == pytest.approx(2.0, rel=TOLERANCE)
+    assert gaussian.gaussian_mean == pytest.approx(
+        0.3, abs=0.05
+    ) and gaussian.gaussian_std == pytest.approx(2.0, rel=TOLERANCE)
 
 
 def test_pool_clip_and_loose_files(tmp_path):
@@ -80,9 +95,21 @@ def test_pool_clip_and_loose_files(tmp_path):
     [(sample, fit)] = tool.main([str(run), "--pool", "--clip", "-10", "10", "--out", str(out)])
     assert len(sample.errors) == 3 * 4000 - 10 and sample.errors.max() <= 10
     assert "3 batches pooled" in sample.label
-    assert fit.gumbel_loc == pytest.approx(LOC, rel=0.05) and fit.gumbel_scale == pytest.approx(SCALE, rel=0.05)
-    [(clamped, _)] = tool.main([str(run / "bellman_errors" / "step_00005000.npy"), "--clip", "-10", "10",
-                                "--clip-mode", "clamp", "--out", str(out)])
+    assert fit.gumbel_loc == pytest.approx(LOC, rel=0.05) and fit.gumbel_scale == pytest.approx(
+        SCALE, rel=0.05
+    )
+    [(clamped, _)] = tool.main(
+        [
+            str(run / "bellman_errors" / "step_00005000.npy"),
+            "--clip",
+            "-10",
+            "10",
+            "--clip-mode",
+            "clamp",
+            "--out",
+            str(out),
+        ]
+    )
     assert len(clamped.errors) == 4000 and np.sum(clamped.errors == 10) == 10
     assert out.stat().st_size > 10_000
 

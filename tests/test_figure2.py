@@ -1,4 +1,5 @@
 """benchmark/figure2_gumbel.py: the Figure 2 demo draws its PNG and its regression fits the extremes for small β."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, scripts_defining
 
 SCRIPTS = scripts_defining("gumbel_loss")
@@ -16,7 +16,9 @@ SCRIPTS = scripts_defining("gumbel_loss")
 
 def load_demo():
     if "figure2_gumbel" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("figure2_gumbel", ROOT / "benchmark" / "figure2_gumbel.py")
+        spec = importlib.util.spec_from_file_location(
+            "figure2_gumbel", ROOT / "benchmark" / "figure2_gumbel.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["figure2_gumbel"] = module
         spec.loader.exec_module(module)
@@ -27,7 +29,20 @@ def load_demo():
 def test_figure2_png_and_extremes_property(tmp_path, capsys):
     demo = load_demo()
     out = tmp_path / "figure2.png"
-    result = demo.main(["--out", str(out), "--steps", "400", "--points", "300", "--regression-betas", "0.05", "1", "5"])
+    result = demo.main(
+        [
+            "--out",
+            str(out),
+            "--steps",
+            "400",
+            "--points",
+            "300",
+            "--regression-betas",
+            "0.05",
+            "1",
+            "5",
+        ]
+    )
     assert result["script"].stem in SCRIPTS and result["script"].parent == ROOT
     png = out.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
@@ -61,12 +76,19 @@ def test_center_panel_is_the_plain_loss():
     difference = np.linspace(-3, 3, 13)
     for beta in (0.5, 2.0):
         z = difference / beta
-        np.testing.assert_allclose(demo.plain_loss_from_script(gumbel_loss, difference, beta), np.exp(z) - z - 1, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            demo.plain_loss_from_script(gumbel_loss, difference, beta),
+            np.exp(z) - z - 1,
+            rtol=1e-9,
+            atol=1e-12,
+        )
 
 
 def test_missing_script_is_a_clear_error(tmp_path):
     demo = load_demo()
-    with pytest.raises(SystemExit, match="none of xql_offline.py, xsac_continuous.py, xtd3_continuous.py exists"):
+    with pytest.raises(
+        SystemExit, match="none of xql_offline.py, xsac_continuous.py, xtd3_continuous.py exists"
+    ):
         demo.load_gumbel_loss(None, root=tmp_path)
     with pytest.raises(SystemExit, match="--script nope: .* does not exist"):
         demo.load_gumbel_loss("nope", root=tmp_path)
