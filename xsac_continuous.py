@@ -210,7 +210,9 @@ def update(agent: Agent, optimizers: dict, batch, update_actor: bool, update_tar
 
     # One a ~ pi(.|s), at the critics just updated, serves V's target and the actor (authors' code).
     policy_actions, log_prob = agent.actor.sample(obs)
+    agent.critic.requires_grad_(False)  # the actor's gradient flows through Q's input, not weights
     q_policy = agent.critic(obs, policy_actions).min(dim=0).values
+    agent.critic.requires_grad_(True)
     alpha = agent.log_alpha.exp().detach()
     v = agent.value(obs)
     if args.value_loss == "gumbel":
@@ -223,7 +225,7 @@ def update(agent: Agent, optimizers: dict, batch, update_actor: bool, update_tar
     alpha_loss = -(agent.log_alpha.exp() * entropy_gap).mean()
 
     # V, actor and alpha have disjoint parameters and detached cross terms: one backward serves
-    # all three. The actor loss leaves gradients on the critics; their next zero_grad drops them.
+    # all three.
     optimizers["value"].zero_grad()
     optimizers["actor_alpha"].zero_grad()
     if update_actor:

@@ -200,9 +200,11 @@ def update(agent: Agent, optimizers: dict, batch, update_actor: bool, update_tar
     losses = {"losses/q_loss": q_loss, "values/q": q.mean(), "values/clip_fraction": clipped}
 
     if update_actor:  # the delayed policy update: max E[Q_1(s, pi(s))], no entropy (TD3, Sec. 3.5)
+        agent.critic.requires_grad_(False)  # the gradient flows through Q's input, not its weights
         actor_loss = -agent.critic.q1(obs, agent.actor(obs)).mean()
+        agent.critic.requires_grad_(True)
         optimizers["actor"].zero_grad()
-        actor_loss.backward()  # the critics get gradients too; their next zero_grad drops them
+        actor_loss.backward()
         optimizers["actor"].step()
         losses["losses/actor_loss"] = actor_loss
     if update_target:  # Polyak averaging of both targets

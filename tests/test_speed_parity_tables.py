@@ -1,4 +1,4 @@
-"""benchmark/speed.py and benchmark/parity.py: the tables built from side_by_side.sh's output and from run folders.
+"""benchmark/speed.py and benchmark/parity.py: the tables built from speed.sh's results and from run folders.
 
 No timing here (speed targets live in benchmark/): the inputs are written by the tests, the figures are known.
 """
@@ -17,122 +17,65 @@ import parity  # noqa: E402
 import speed  # noqa: E402
 
 
-def progress(rates):
-    """Progress lines of one of our runs, one per log interval."""
-    return "".join(
-        f"step {100 * (i + 1)}/1000 | SPS {rate} | q_loss 0.1 | last eval - | ETA 0:00:01\n"
-        for i, rate in enumerate(rates)
-    )
-
-
-def side_by_side_output(tmp_path, name, peer, ours, logs):
-    work = tmp_path / f"work_{name}"
-    work.mkdir()
-    for log, rates in logs.items():
-        (work / log).write_text(progress(rates) + "step 1000/1000 | eval return -150.00 +- 10.00\n")
-    text = (
-        f"# 2026-11-24T19:09:31Z 2 cores, load 0.51 0.84 0.87, work dir {work}\n"
-        f"RESULT authors-jax offline batch=256 steps/s={peer[0]}\nRESULT xql_offline.py batch=256 steps/s={ours[0]}\n"
-        f"ratio ours/peer = 0.00\n"
-        f"RESULT authors-jax offline batch=1024 steps/s={peer[1]}\nRESULT xql_offline.py batch=1024 steps/s={ours[1]}\n"
-        f"RESULT cleanrl algo=sac env=Pendulum-v1 seed=1 steps=10000 return_last5=-160.00 sps={peer[2]} wall_s=60\n"
-        f"RESULT xsac_continuous.py SPS(median)={ours[2]} final eval: step 10000/10000 | eval return -150.0\n"
-        f"RESULT cleanrl algo=td3 env=Pendulum-v1 seed=1 steps=10000 return_last5=-160.00 sps={peer[3]} wall_s=60\n"
-        f"RESULT xtd3_continuous.py SPS(median)=failed final eval:\n"
-    )
-    path = tmp_path / f"{name}.txt"
-    path.write_text(text)
+def write_results(path, rows):
+    path.write_text("".join(f"{name}\t{steps}\t{wall}\t0.5\n" for name, steps, wall in rows))
     return path
 
 
-def test_speed_table_ratios_and_medians(tmp_path):
-    """Per run: ratios ours/peer by side_by_side's figures and by our median log interval (the first interval left out);
-    a failed run reads `failed`, a missing log `n/a`. Per mode: the median ratio over the repeats and its range."""
-    eager = side_by_side_output(
-        tmp_path,
-        "eager",
-        (100, 50, 200, 300),
-        (120, 55, 180, "failed"),
-        {"off_256.log": [10, 110, 130, 120], "sac.log": [999, 150, 170]},
-    )
-    fast = side_by_side_output(
-        tmp_path, "fast", (110, 40, 190, 310), (165, 60, 285, 400), {"off_256.log": [5, 160, 170]}
-    )
-    fast2 = side_by_side_output(tmp_path, "fast2", (100, 40, 190, 310), (130, 60, 285, 400), {})
-    fast3 = side_by_side_output(tmp_path, "fast3", (100, 40, 190, 310), (140, 60, 285, 400), {})
+def table_cells(path):
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmark" / "speed.py"),
-            "table",
-            f"eager={eager}",
-            f"fast={fast}",
-            f"fast={fast2}",
-            f"fast={fast3}",
-        ],
+        [sys.executable, str(ROOT / "benchmark" / "speed.py"), str(path)],
         capture_output=True,
         text=True,
         check=True,
     )
-    cells = [
-        [c.strip() for c in line.split("|")[1:-1]]
-        for line in done.stdout.splitlines()
-        if line.startswith("| offline") or line.startswith("| online")
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
+    return {(r[0].strip(), r[1].strip(), r[2].strip()): [c.strip() for c in r[3:]] for r in rows}
+
+
+def test_speed_table_rates_ratios_and_goals(tmp_path):
+    """steps / wall seconds, ratios against the peer of the same mode and repeat, the median and the
+    range over repeats, and each goal met or not by the worst repeat (figures by hand)."""
+    rows = [
+        ("authors_offline_b256_eager_r1", 3000, 30.0),  # 100 steps/s
+        ("ours_offline_b256_eager_r1", 3000, 25.0),  # 120: 1.20
+        ("authors_offline_b256_eager_r2", 3000, 20.0),  # 150
+        ("ours_offline_b256_eager_r2", 3000, 30.0),  # 100: 0.67
+        ("authors_offline_b256_eager_r3", 3000, 30.0),  # 100
+        ("ours_offline_b256_eager_r3", 3000, 27.0),  # 111.1: 1.11
+        ("cleanrl_sac_fast_r1", 10000, 100.0),  # 100
+        ("sbx_sac_fast_r1", 10000, 50.0),  # 200
+        ("ours_sac_fast_r1", 10000, 62.5),  # 160: 1.60 and 0.80
     ]
-    summary = {(c[0], c[1]): c[2:] for c in cells if len(c) == 5}
-    runs = {(c[0], c[1]): c[2:] for c in cells if len(c) == 7}
-    b256 = "offline, batch 256: authors' JAX X-QL vs xql_offline.py"
-    assert runs[(b256, "eager, 1")] == [
+    cells = table_cells(write_results(tmp_path / "results.tsv", rows))
+    b256 = cells[("offline X-QL, batch 256", "authors' JAX", "eager")]
+    assert b256 == [
+        "100.0, 150.0, 100.0",
+        "120.0, 100.0, 111.1",
+        "1.11 (0.67-1.20)",
+        ">= 1.0: NOT met",
+    ]
+    assert cells[("X-SAC, Pendulum-v1", "CleanRL SAC", "fast")] == [
         "100.0",
-        "120.0",
-        "1.20",
-        "120.0",
-        "1.20",
-    ]  # median of 110, 130, 120
-    assert runs[(b256, "fast, 2")] == ["110.0", "165.0", "1.50", "165.0", "1.50"]
-    assert runs[("offline, batch 1024: authors' JAX X-QL vs xql_offline.py", "fast, 2")] == [
-        "40.0",
-        "60.0",
-        "1.50",
-        "n/a",
-        "n/a",
+        "160.0",
+        "1.60",
+        ">= 1.5: met",
     ]
-    assert runs[("online, Pendulum-v1: CleanRL SAC vs xsac_continuous.py", "eager, 1")] == [
+    assert cells[("X-SAC, Pendulum-v1", "SBX SAC", "fast")] == [
         "200.0",
-        "180.0",
-        "0.90",
         "160.0",
         "0.80",
+        ">= 1.5: NOT met",
     ]
-    assert runs[("online, Pendulum-v1: CleanRL TD3 vs xtd3_continuous.py", "eager, 1")][:3] == [
-        "300.0",
-        "failed",
-        "n/a",
-    ]
-    assert summary[(b256, "fast")] == [
-        "3",
-        "**1.40** (1.30–1.50)",
-        "**1.50**",
-    ]  # ratios 1.50, 1.30, 1.40; one median interval
-    assert summary[(b256, "eager")] == ["1", "**1.20**", "**1.20**"]
-    assert summary[("online, Pendulum-v1: CleanRL TD3 vs xtd3_continuous.py", "eager")] == [
-        "1",
-        "n/a",
-        "n/a",
-    ]
-    assert "load average 0.51 0.84 0.87" in done.stdout and len(runs) == 16 and len(summary) == 8
+    assert len(cells) == 3  # pairs without both programs are left out
 
 
-def test_speed_table_refuses_other_files(tmp_path):
-    other = tmp_path / "x.txt"
-    other.write_text("hello\n")
+def test_speed_table_without_arguments_says_how_to_call_it():
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark" / "speed.py"), "table", f"eager={other}"],
-        capture_output=True,
-        text=True,
+        [sys.executable, str(ROOT / "benchmark" / "speed.py")], capture_output=True, text=True
     )
-    assert done.returncode != 0 and "not an output of side_by_side.sh" in done.stderr
-    assert speed.interval_rates(progress([1, 2, 3])) == [2.0, 3.0]
+    assert done.returncode != 0 and "speed.py RESULTS_TSV" in done.stderr
+    assert speed.summary([1.0, 2.0, 4.0]) == "2.00 (1.00-4.00)" and speed.summary([]) == "n/a"
 
 
 def write_run(runs, name, returns):
